@@ -29,3 +29,15 @@ class BadInput(LolachatError):
 
 class NetworkError(LolachatError):
     """A download source could not be reached."""
+
+
+class AccessDenied(LolachatError):
+    """A gated or private model the current credentials (HF_TOKEN) may not read."""
+
+
+class ChecksumMismatch(BadModelFile):
+    """A downloaded file whose sha256 differs from the one its source published (the file is deleted)."""
+
+
+class DiskFull(LolachatError):
+    """Not enough free disk space to store a model."""
