@@ -1,0 +1,288 @@
+"""LoLA memory: where every past key/value pair of one attention layer lives (DESIGN §4).
+
+A `LolaLayerMemory` holds the terraced window (previous chunk + current chunk), the sparse cache of
+hard-to-memorize pairs and the fp32 linear-attention state; `lola_attend` runs queries against it
+and moves chunks out of the window as they fill. `ExactLayerMemory` is the unbounded KV cache used
+for models without an adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lolachat.kernels import reference as ref
+
+
+@dataclass
+class LolaConfig:
+    chunk: int = 64  # C: window chunk size
+    sparse: int = 256  # λ: sparse-cache capacity per (batch, head)
+    mix: str = "lola"  # "lola" (inference default) or "lolcats"
+    max_distance: int | None = None  # cap on a cached key's distance to its query (DESIGN §4.4b)
+    phi_input: str = "pre_rope"  # where the feature maps apply: "pre_rope" or "post_rope"
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError("window chunk size must be >= 1")
+        if self.sparse < 0:
+            raise ValueError("sparse cache size must be >= 0")
+        if self.mix not in ("lola", "lolcats"):
+            raise ValueError(f"mix must be 'lola' or 'lolcats', not {self.mix!r}")
+        if self.phi_input not in ("pre_rope", "post_rope"):
+            raise ValueError(f"phi_input must be 'pre_rope' or 'post_rope', not {self.phi_input!r}")
+
+
+@dataclass
+class LayerAdapter:
+    """The trained LoLA parameters of one layer."""
+
+    phi_q: torch.Tensor  # [H, D, F/2]
+    phi_k: torch.Tensor  # [H, D, F/2]
+    window_factor: torch.Tensor  # [H]; γ = sigmoid(window_factor)
+
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.phi_q.shape[-1]
+
+
+class Rope:
+    """Rotary position embedding tables computed on demand for arbitrary positions."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.float()
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(self.inv_freq.device).float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [..., N, D] at `positions` ([N] or broadcastable to x[..., :1] batch dims + [N])."""
+        cos, sin = self.cos_sin(positions)
+        return ref.apply_rope(x, cos, sin)
+
+
+def expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, Hkv, N, ...] -> [B, Hkv*group, N, ...]: each KV head serves `group` query heads."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+class ExactLayerMemory:
+    """Unbounded KV cache (exact softmax attention), keys stored after RoPE."""
+
+    exact = True
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.k = torch.empty(batch, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k_rot: torch.Tensor, v: torch.Tensor) -> None:
+        need = self.length + k_rot.shape[2]
+        if need > self.k.shape[2]:
+            capacity = max(need, 2 * self.k.shape[2], 256)
+            self.k = _grow(self.k, capacity, self.length)
+            self.v = _grow(self.v, capacity, self.length)
+        self.k[:, :, self.length : need] = k_rot
+        self.v[:, :, self.length : need] = v
+        self.length = need
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k[:, :, : self.length], "v": self.v[:, :, : self.length]}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.k, self.v = tensors["k"].clone(), tensors["v"].clone()
+        self.length = self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return 2 * self.length * self.k[:, :, :1].numel() * self.k.element_size()
+
+
+def _grow(x: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
+    out = x.new_empty(*x.shape[:2], capacity, *x.shape[3:])
+    out[:, :, :used] = x[:, :, :used]
+    return out
+
+
+def exact_attend(mem: ExactLayerMemory, q_rot, k_rot, v, scale: float) -> torch.Tensor:
+    """Append the new keys, then causal softmax attention of q [B,H,T,D] over the whole cache."""
+    past = mem.length
+    mem.append(k_rot, v)
+    keys, values = mem.k[:, :, : mem.length], mem.v[:, :, : mem.length]
+    group = q_rot.shape[1] // keys.shape[1]
+    keys, values = expand_heads(keys, group), expand_heads(values, group)
+    t = q_rot.shape[2]
+    if t == 1:
+        return F.scaled_dot_product_attention(q_rot, keys, values, scale=scale)
+    if past == 0:
+        return F.scaled_dot_product_attention(q_rot, keys, values, is_causal=True, scale=scale)
+    q_pos = torch.arange(past, past + t, device=q_rot.device)
+    k_pos = torch.arange(mem.length, device=q_rot.device)
+    mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=scale)
+
+
+class LolaLayerMemory:
+    """Window + sparse cache + linear state of one layer (DESIGN §4.2).
+
+    The window holds pre-RoPE keys per KV head for contiguous positions [window_start, window_start +
+    window_len): the previous chunk (`has_prev`, C tokens) then the current, partial chunk. The sparse
+    cache holds pre-RoPE keys per query head with their original positions.
+    """
+
+    exact = False
+
+    def __init__(self, cfg: LolaConfig, batch: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 feature_dim: int, dtype: torch.dtype, device):
+        c = cfg.chunk
+        self.cfg = cfg
+        self.window_k = torch.zeros(batch, n_kv_heads, 2 * c, head_dim, dtype=dtype, device=device)
+        self.window_v = torch.zeros_like(self.window_k)
+        self.window_start = 0
+        self.window_len = 0
+        self.has_prev = False
+        self.sparse_k = torch.empty(batch, n_heads, 0, head_dim, dtype=dtype, device=device)
+        self.sparse_v = torch.empty_like(self.sparse_k)
+        self.sparse_pos = torch.empty(batch, n_heads, 0, dtype=torch.long, device=device)
+        self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=torch.float32, device=device)
+        self.s = torch.zeros(batch, n_heads, feature_dim, dtype=torch.float32, device=device)
+        self.folded = 0  # tokens that live only in the linear state
+        self.evictions = 0  # chunks that left the window
+
+    @property
+    def sparse_len(self) -> int:
+        return self.sparse_k.shape[2]
+
+    @property
+    def current_len(self) -> int:
+        return self.window_len - (self.cfg.chunk if self.has_prev else 0)
+
+    def tokens(self) -> int:
+        return self.window_len + self.sparse_len + self.folded
+
+    def nbytes(self) -> dict[str, int]:
+        window = self.window_k.nbytes + self.window_v.nbytes
+        sparse = self.sparse_k.nbytes + self.sparse_v.nbytes + self.sparse_pos.nbytes
+        state = self.h.nbytes + self.s.nbytes
+        return {"window": window, "sparse": sparse, "state": state}
+
+    _FIELDS = ("window_k", "window_v", "sparse_k", "sparse_v", "sparse_pos", "h", "s")
+    _COUNTERS = ("window_start", "window_len", "has_prev", "folded", "evictions")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {name: getattr(self, name) for name in self._FIELDS}
+        out["counters"] = torch.tensor([int(getattr(self, n)) for n in self._COUNTERS], dtype=torch.long)
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in self._FIELDS:
+            setattr(self, name, tensors[name].to(getattr(self, name).device).clone())
+        for name, value in zip(self._COUNTERS, tensors["counters"].tolist()):
+            setattr(self, name, bool(value) if name == "has_prev" else int(value))
+
+
+class LolaAttention:
+    """Runs queries of one layer against its LoLA memory; stateless apart from the memory it is given."""
+
+    def __init__(self, cfg: LolaConfig, adapter: LayerAdapter, rope: Rope, scale: float):
+        self.cfg = cfg
+        self.adapter = adapter
+        self.rope = rope
+        self.scale = scale
+        self.gamma = torch.sigmoid(adapter.window_factor.float())
+
+    def phi(self, x_pre: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Feature map of pre-RoPE q or k [B,H,N,D] at `positions`, applied where the adapter says."""
+        if self.cfg.phi_input == "post_rope":
+            x_pre = self.rope.rotate(x_pre, positions)
+        return ref.hedgehog(x_pre, weight)
+
+    def attend(self, mem: LolaLayerMemory, q_pre, k_pre, v, pos0: int) -> torch.Tensor:
+        """Queries q_pre [B,H,T,D] at positions pos0.. with new keys/values [B,Hkv,T,D]; returns [B,H,T,D].
+
+        The tokens are split at chunk boundaries: all queries of one chunk see the same sparse cache,
+        previous chunk and linear state, so one pass over T tokens equals T single-token passes.
+        """
+        outputs = []
+        t = 0
+        total = q_pre.shape[2]
+        while t < total:
+            room = self.cfg.chunk - mem.current_len
+            n = min(room, total - t)
+            outputs.append(self._attend_within_chunk(mem, q_pre[:, :, t : t + n], k_pre[:, :, t : t + n],
+                                                     v[:, :, t : t + n], pos0 + t))
+            if mem.current_len == self.cfg.chunk:
+                self._close_chunk(mem)
+            t += n
+        return torch.cat(outputs, dim=2)
+
+    def _attend_within_chunk(self, mem: LolaLayerMemory, q_pre, k_pre, v, pos0: int) -> torch.Tensor:
+        n = q_pre.shape[2]
+        mem.window_k[:, :, mem.window_len : mem.window_len + n] = k_pre
+        mem.window_v[:, :, mem.window_len : mem.window_len + n] = v
+        mem.window_len += n
+        device = q_pre.device
+        group = q_pre.shape[1] // k_pre.shape[1]
+        q_pos = torch.arange(pos0, pos0 + n, device=device)
+        q_rot = self.rope.rotate(q_pre, q_pos)
+
+        win_pos = torch.arange(mem.window_start, mem.window_start + mem.window_len, device=device)
+        win_k = expand_heads(self.rope.rotate(mem.window_k[:, :, : mem.window_len], win_pos), group)
+        win_v = expand_heads(mem.window_v[:, :, : mem.window_len], group)
+        win_logits = torch.einsum("bhtd,bhnd->bhtn", q_rot.float(), win_k.float())
+        causal = win_pos.view(1, -1) <= q_pos.view(-1, 1)
+        win_logits = win_logits.masked_fill(~causal, float("-inf"))
+
+        logits, values = win_logits, win_v
+        if mem.sparse_len:
+            cap = self.cfg.max_distance
+            q_capped = None
+            if cap is not None:
+                q_capped = self.rope.rotate(q_pre, torch.full((n,), cap, device=device))
+            sparse_rot = self.rope.rotate(mem.sparse_k, mem.sparse_pos)
+            sparse = ref.sparse_logits(q_rot, q_capped, mem.sparse_k, sparse_rot, q_pos, mem.sparse_pos, cap)
+            logits = torch.cat([sparse, win_logits], dim=-1)
+            values = torch.cat([mem.sparse_v, win_v], dim=2)
+        phi_q = self.phi(q_pre, q_pos, self.adapter.phi_q)
+        y = ref.lola_combine(logits * self.scale, values, phi_q, mem.h, mem.s, self.gamma, self.cfg.mix)
+        return y.to(q_pre.dtype)
+
+    def _close_chunk(self, mem: LolaLayerMemory) -> None:
+        """The current chunk is full: it becomes the previous chunk, and the old one leaves the window."""
+        c = self.cfg.chunk
+        if mem.has_prev:
+            self._evict(mem, mem.window_k[:, :, :c], mem.window_v[:, :, :c], mem.window_start)
+            mem.window_k[:, :, :c] = mem.window_k[:, :, c:].clone()
+            mem.window_v[:, :, :c] = mem.window_v[:, :, c:].clone()
+            mem.window_start += c
+            mem.window_len -= c
+        mem.has_prev = True
+
+    def _evict(self, mem: LolaLayerMemory, k_pre, v, start: int) -> None:
+        """A chunk leaves the window: append it to the sparse cache, or compete and fold (DESIGN §4.4)."""
+        n_heads = mem.h.shape[1]
+        group = n_heads // k_pre.shape[1]
+        batch, c = k_pre.shape[0], k_pre.shape[2]
+        k_pre, v = expand_heads(k_pre, group), expand_heads(v, group)
+        pos = torch.arange(start, start + c, device=k_pre.device).expand(batch, n_heads, c)
+        mem.evictions += 1
+        capacity = self.cfg.sparse
+        if mem.sparse_len + c <= capacity:
+            mem.sparse_k = torch.cat([mem.sparse_k, k_pre], dim=2)
+            mem.sparse_v = torch.cat([mem.sparse_v, v], dim=2)
+            mem.sparse_pos = torch.cat([mem.sparse_pos, pos], dim=2)
+            return
+        cand_k = torch.cat([mem.sparse_k, k_pre], dim=2)
+        cand_v = torch.cat([mem.sparse_v, v], dim=2)
+        cand_pos = torch.cat([mem.sparse_pos, pos], dim=2)
+        phi_k = self.phi(cand_k, cand_pos, self.adapter.phi_k)
+        scores = ref.self_recall_error(phi_k, cand_v, mem.h, mem.s)
+        keep, drop = ref.select_keep(scores, capacity)
+        ref.fold(ref.gather_tokens(phi_k, drop), ref.gather_tokens(cand_v, drop), mem.h, mem.s)
+        mem.folded += drop.shape[-1]
+        mem.sparse_k = ref.gather_tokens(cand_k, keep)
+        mem.sparse_v = ref.gather_tokens(cand_v, keep)
+        mem.sparse_pos = ref.gather_tokens(cand_pos, keep)
