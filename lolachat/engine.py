@@ -1,0 +1,231 @@
+"""The engine: a loaded model + tokenizer + LoLA settings; prefill, decode and sampling.
+
+`load()` is the entry point of the Python API (DESIGN §1); the CLI and the TUI are built on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lolachat.adapter import Adapter, identity_adapter, load_adapter
+from lolachat.errors import BadInput, LolachatError
+from lolachat.lola import LolaConfig
+from lolachat.model import Llama, ModelMemory
+from lolachat.sampling import Sampler, SamplingOptions
+
+PREFILL_BLOCK = 1024  # tokens per forward pass during prefill: bounds activation memory
+ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LolachatError("device 'cuda' was asked for but no CUDA GPU is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise BadInput(f"unknown device {device!r} (expected auto, cpu or cuda)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise BadInput(f"unknown dtype {dtype!r} (expected auto, float32, bfloat16 or float16)")
+    return table[dtype]
+
+
+@dataclass
+class EngineInfo:
+    """What the engine runs, for stats panels, `--json` output and session compatibility checks."""
+
+    model: str
+    source: str
+    weights_sha256: str
+    mode: str  # "lola", "lola-identity" (experimental, untrained maps) or "exact"
+    device: str
+    dtype: str
+    window: int | None
+    sparse: int | None
+    mix: str | None
+    max_distance: int | None
+    phi_input: str | None
+
+
+class Engine:
+    def __init__(self, model: Llama, tokenizer, info: EngineInfo, stop_ids: list[int]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.stop_ids = set(stop_ids)
+        self.device = next(model.parameters()).device
+
+    # -- the Python API ---------------------------------------------------------------------
+    def session(self, system: str | None = None):
+        from lolachat.session import Session
+
+        return Session(self, system=system)
+
+    def resume(self, path: str | Path):
+        from lolachat.session import Session
+
+        return Session.load(self, Path(path))
+
+    @torch.inference_mode()
+    def logits(self, token_ids) -> torch.Tensor:
+        """[T, vocab] logits of a fresh state over a token sequence (prefilled block by block)."""
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.device).view(1, -1)
+        memory = self.new_memory()
+        out = [self.model(ids[:, i : i + PREFILL_BLOCK], memory, all_logits=True)[0]
+               for i in range(0, ids.shape[1], PREFILL_BLOCK)]
+        return torch.cat(out).cpu()
+
+    # -- building blocks used by sessions -------------------------------------------------------
+    def new_memory(self) -> ModelMemory:
+        return self.model.new_memory(batch=1)
+
+    @torch.inference_mode()
+    def prefill(self, memory: ModelMemory, ids: list[int], progress: ProgressFn | None = None) -> torch.Tensor:
+        """Feed `ids` after what `memory` holds; returns the logits [vocab] after the last token."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        tensor = torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
+        logits = None
+        # Blocks end on chunk boundaries (PREFILL_BLOCK is a multiple of C) so the work per block is even.
+        for start in range(0, len(ids), PREFILL_BLOCK):
+            logits = self.model(tensor[:, start : start + PREFILL_BLOCK], memory)
+            if progress:
+                progress(min(start + PREFILL_BLOCK, len(ids)), len(ids))
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def generate(self, memory: ModelMemory, logits: torch.Tensor, max_new_tokens: int,
+                 options: SamplingOptions) -> Iterator[int]:
+        """Yield sampled token ids. Each is fed to `memory` before it is yielded (stop tokens too), so
+        a consumer that stops early leaves the memory holding exactly the tokens it received."""
+        sampler = Sampler(options, device="cpu")
+        for _ in range(max_new_tokens):
+            token = sampler(logits.float().cpu())
+            step = torch.tensor([[token]], dtype=torch.long, device=self.device)
+            logits = self.model(step, memory)[0, -1]
+            yield token
+            if token in self.stop_ids:
+                return
+
+    def memory_stats(self, memory: ModelMemory) -> dict:
+        a = self.model.args
+        element = next(self.model.parameters()).element_size()
+        tokens = memory.position
+        full_kv = 2 * a.n_layers * a.n_kv_heads * a.head_dim * tokens * element
+        layer0 = memory.layers[0]
+        if memory.exact:
+            kv = sum(layer.nbytes() for layer in memory.layers)
+            return {"tokens_seen": tokens, "window_tokens": tokens, "sparse_tokens": 0, "linear_tokens": 0,
+                    "state_bytes": 0, "window_bytes": kv, "sparse_bytes": 0, "cache_bytes": kv,
+                    "full_kv_bytes": full_kv, "evictions": 0}
+        parts = {"window": 0, "sparse": 0, "state": 0}
+        for layer in memory.layers:
+            for name, size in layer.nbytes().items():
+                parts[name] += size
+        return {
+            "tokens_seen": tokens,
+            "window_tokens": layer0.window_len,
+            "sparse_tokens": layer0.sparse_len,
+            "linear_tokens": layer0.folded,
+            "state_bytes": parts["state"],
+            "window_bytes": parts["window"],
+            "sparse_bytes": parts["sparse"],
+            "cache_bytes": sum(parts.values()),
+            "full_kv_bytes": full_kv,
+            "evictions": layer0.evictions,
+        }
+
+    def describe(self) -> dict:
+        return asdict(self.info)
+
+
+def load(model: str | None = None, *, device: str = "auto", dtype: str | None = None, window: int | None = None,
+         sparse: int | None | str = "auto", mix: str | None = None, max_distance: int | None = None,
+         feature_map: str | None = None, pull: bool = True, progress=None) -> Engine:
+    """Load a model by catalog alias, Hub repo id or local path (DESIGN §1).
+
+    With a trained adapter the model runs in LoLA mode; without one, or with `sparse=None`, in exact
+    mode (unbounded KV cache). `sparse="auto"` takes λ from the model's manifest (256 if it has none).
+    `feature_map="identity"` runs LoLA with untrained identity-initialised maps (experimental).
+    """
+    exact = sparse is None
+    from lolachat import store, weights
+    from lolachat.tokenizer import end_of_turn_ids, load_tokenizer
+
+    spec = model or "smollm2-135m"
+    local = store.resolve(spec, pull_if_missing=pull, progress=progress)
+    loaded = weights.load_weights(local.weights)
+    args = loaded.args
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+
+    adapter = _choose_adapter(local, args, feature_map, exact)
+    tensors = loaded.tensors
+    if adapter is not None and adapter.lora:
+        adapter.merge_lora_into(tensors)
+    net = Llama(args)
+    net.load_weights(tensors)
+    net = net.to(device=dev, dtype=torch_dtype).eval()
+
+    lola_defaults = local.manifest or {}  # catalog manifests carry window, sparse, max_distance
+    cfg = None
+    if adapter is not None:
+        cfg = LolaConfig(
+            chunk=window or adapter.metadata.get("chunk") or lola_defaults.get("window", 64),
+            sparse=lola_defaults.get("sparse", 256) if sparse == "auto" else int(sparse),
+            mix=mix or "lola",
+            max_distance=max_distance or lola_defaults.get("max_distance") or max(1, args.max_position // 2),
+            phi_input=adapter.phi_input,
+        )
+        net.attach_lola(cfg, adapter.layers)
+    mode = "exact" if cfg is None else ("lola-identity" if adapter.experimental else "lola")
+    tokenizer = load_tokenizer(local.weights)
+    info = EngineInfo(
+        model=local.name, source=local.source, weights_sha256=loaded.weights_sha256, mode=mode,
+        device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
+        window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
+        max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
+    )
+    stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(tokenizer)))
+    return Engine(net, tokenizer, info, stop_ids)
+
+
+def _choose_adapter(local, args, feature_map: str | None, exact: bool) -> Adapter | None:
+    if exact:
+        return None
+    if feature_map == "identity":
+        return identity_adapter(args)
+    if feature_map not in (None, "trained"):
+        raise BadInput(f"unknown feature map {feature_map!r} (expected 'trained' or 'identity')")
+    if local.adapter is None:
+        return None
+    return load_adapter(local.adapter, args)
+
+
+class Timer:
+    """Wall-clock seconds of a block, synchronising CUDA so device work is counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start
