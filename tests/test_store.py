@@ -15,6 +15,7 @@ from hub_imitation import (
     build_wheel,
     fake_gguf,
     isolated_home,
+    lolcats_checkpoints,
     serve_hub,
     tiny_gguf_repo,
     tiny_llama_repo,
@@ -440,3 +441,97 @@ def test_hub_list_show_rm_round_trip(store_home, hub_imitation):
     store.remove("test/tiny-llama")
     assert store.list_models() == []
     assert not list((store.models_dir() / "hub").glob("models--*"))
+
+
+# ---------------------------------------------------------------------------------------- LoLCATs
+
+
+@pytest.fixture
+def lolcats_catalog(tmp_path, monkeypatch, hub_imitation):
+    distill, lora = lolcats_checkpoints()
+    hub_imitation.add_repo("test/tiny-llama", tiny_llama_repo())
+    hub_imitation.add_repo("test/lolcats-distill", {"model.pt": distill, "config.json": b"{}"})
+    hub_imitation.add_repo("test/lolcats-lora", {"model.pt": lora, "config.json": b"{}"})
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    (cat / "tiny-lolcats.toml").write_text("""
+name = "tiny-lolcats"
+window = 8
+[[sources]]
+uri = "hf:test/tiny-llama"
+[adapter]
+lolcats_distill = "hf:test/lolcats-distill"
+lolcats_lora = "hf:test/lolcats-lora"
+file = "model.pt"
+lora_alpha = 16
+lora_rank = 8
+phi_input = "post_rope"
+""")
+    monkeypatch.setenv("LOLACHAT_CATALOG", str(cat))
+    return distill, lora
+
+
+def test_lolcats_pull_converts_to_our_adapter(store_home, lolcats_catalog):
+    import io
+
+    import torch
+    from hub_imitation import tiny_llama_config
+
+    from lolachat.adapter import load_adapter
+    from lolachat.model_args import ModelArgs
+
+    m = store.pull("tiny-lolcats")
+    assert m.adapter is not None and m.adapter.name == "tiny-lolcats.lola.safetensors"
+    adapter = load_adapter(m.adapter, ModelArgs.from_hf_config(tiny_llama_config()))
+    distill = torch.load(io.BytesIO(lolcats_catalog[0]), weights_only=True)["model_state_dict"]
+    lora = torch.load(io.BytesIO(lolcats_catalog[1]), weights_only=True)["model_state_dict"]
+    assert len(adapter.layers) == 2
+    torch.testing.assert_close(adapter.layers[1].phi_k, distill["model.layers.1.self_attn.feature_map_k.mlp.layer"])
+    torch.testing.assert_close(adapter.layers[0].window_factor,
+                               distill["model.layers.0.self_attn.window_factors"].reshape(-1))
+    torch.testing.assert_close(adapter.lora["layers.1.attn.k.lora_b"],
+                               lora["base_model.model.model.layers.1.self_attn.k_proj.lora_B.default.weight"])
+    assert adapter.metadata["lora_scale"] == 2.0 and adapter.phi_input == "post_rope"
+    assert adapter.metadata["sources"][0].startswith("hf:test/lolcats-distill@")
+    # rm frees the checkpoints and the converted adapter too
+    store.remove("tiny-lolcats")
+    assert not list((store.models_dir() / "blobs").glob("sha256-*"))
+    assert not list((store.models_dir() / "hub").glob("models--*"))
+
+
+def test_lolcats_flat_dict_accepted_and_non_tensors_refused(tmp_path):
+    import torch
+
+    from lolachat import lolcats
+
+    distill, _ = lolcats_checkpoints(wrap=False)
+    p = tmp_path / "flat.pt"
+    p.write_bytes(distill)
+    assert "model.layers.0.self_attn.window_factors" in lolcats.load_checkpoint(p)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {"x": torch.zeros(1)}, "extra": Evil()}, bad)
+    with pytest.raises(BadModelFile, match="refusing"):
+        lolcats.load_checkpoint(bad)
+    odd = tmp_path / "odd.pt"
+    torch.save({"model_state_dict": {"x": torch.zeros(1), "step": 3}}, odd)
+    with pytest.raises(BadModelFile, match="not a tensor"):
+        lolcats.load_checkpoint(odd)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a pickle at all")
+    with pytest.raises(BadModelFile):
+        lolcats.load_checkpoint(junk)
+
+
+def test_lolcats_missing_layer_refused():
+    import torch
+
+    from lolachat import lolcats
+
+    sd = {"model.layers.0.self_attn.feature_map_q.mlp.layer": torch.zeros(2, 4, 2)}
+    with pytest.raises(BadModelFile, match="lacks layer 0 phi_k"):
+        lolcats.convert([sd], lora_scale=2.0, metadata={})
