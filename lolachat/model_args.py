@@ -34,7 +34,7 @@ class ModelArgs:
         return self.n_heads // self.n_kv_heads
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict) -> ModelArgs:
         """Build from a Hugging Face `config.json` dict (LlamaConfig fields)."""
         n_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
@@ -48,10 +48,27 @@ class ModelArgs:
             hidden_dim=cfg["intermediate_size"],
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=_hf_rope_theta(cfg),
+            rope_scaling=_hf_rope_scaling(cfg),
             max_position=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_id=cfg.get("bos_token_id"),
             eos_ids=eos_ids,
         )
+
+
+def _hf_rope_theta(cfg: dict) -> float:
+    # transformers 5 writes `rope_parameters` (theta included) where 4.x wrote `rope_theta` + `rope_scaling`.
+    params = cfg.get("rope_parameters") or {}
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _hf_rope_scaling(cfg: dict) -> dict | None:
+    """The scaling dict with key `rope_type` (old configs say `type`), or None for plain RoPE."""
+    scaling = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    scaling.pop("rope_theta", None)
+    kind = scaling.pop("type", None)
+    scaling.setdefault("rope_type", kind)
+    if scaling["rope_type"] in (None, "default"):
+        return None
+    return scaling
