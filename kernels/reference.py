@@ -76,9 +76,17 @@ def lola_combine(
     """
     m = logits.max(dim=-1, keepdim=True).values
     w = torch.exp(logits - m)
+    soft_num = torch.einsum("bhtn,bhnd->bhtd", w, values.float())
+    return mix_linear(soft_num, w.sum(dim=-1, keepdim=True), m, phi_q, h_state, s_state, gamma, mix)
+
+
+def mix_linear(soft_num, soft_den, m, phi_q, h_state, s_state, gamma, mix: str) -> torch.Tensor:
+    """Combine the softmax sums (already scaled by e^{−m}) with the linear term (DESIGN §4.3).
+
+    soft_num [B,H,T,D] = Σ e^{a_i−m} v_i, soft_den [B,H,T,1] = Σ e^{a_i−m}, m [B,H,T,1] the row max.
+    """
     g = gamma.float().view(1, -1, 1, 1)
-    soft_num = g * torch.einsum("bhtn,bhnd->bhtd", w, values.float())
-    soft_den = g * w.sum(dim=-1, keepdim=True)
+    soft_num, soft_den = g * soft_num, g * soft_den
     lin_num = torch.einsum("bhtf,bhfd->bhtd", phi_q, h_state)
     lin_den = torch.einsum("bhtf,bhf->bht", phi_q, s_state).unsqueeze(-1)
     if mix == "lola":
@@ -123,3 +131,121 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# --- Fused references: what one kernel launch computes (the Triton kernels in ops.py match these) ---
+
+
+def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., N, D] at `positions` (broadcastable to x without its last axis), as lola.Rope does."""
+    freqs = positions.to(inv_freq.device).float().unsqueeze(-1) * inv_freq.float()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return apply_rope(x, emb.cos(), emb.sin())
+
+
+def _expand_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    group = n_heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _as_int(x) -> int:
+    return int(x.reshape(-1)[0]) if isinstance(x, torch.Tensor) else int(x)
+
+
+def query_positions(q_pos, n: int, device) -> torch.Tensor:
+    """Positions [n] of a block of queries: given as a tensor, or as the int position of the first."""
+    if isinstance(q_pos, torch.Tensor):
+        return q_pos.to(device)
+    return torch.arange(q_pos, q_pos + n, device=device)
+
+
+def lola_attention(
+    q_pre: torch.Tensor,
+    q_pos,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    window_start,
+    sparse_k: torch.Tensor,
+    sparse_v: torch.Tensor,
+    sparse_pos: torch.Tensor,
+    h_state: torch.Tensor,
+    s_state: torch.Tensor,
+    gamma: torch.Tensor,
+    phi_weight: torch.Tensor,
+    inv_freq: torch.Tensor,
+    scale: float,
+    mix: str,
+    max_distance: int | None,
+    phi_input: str,
+    sparse_len=None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One LoLA attention step for a block of queries of one chunk (DESIGN §4.3), from pre-RoPE inputs.
+
+    q_pre [B,H,T,D] at positions q_pos ([T] tensor, or the int position of the first query);
+    window_k/v [B,Hkv,W,D] pre-RoPE, slot j at position window_start + j (slots past the last query
+    are ignored, whatever they hold); sparse_k/v [B,H,N,D] pre-RoPE at sparse_pos [B,H,N], of which
+    the first `sparse_len` slots (default N) are in use; h_state [B,H,F,D], s_state [B,H,F] fp32;
+    gamma [H] = sigmoid(window_factor); phi_weight [H,D,F/2] (the query feature map); inv_freq [D/2].
+    window_start and sparse_len may be ints or one-element tensors. Returns [B,H,T,D] in q_pre's
+    dtype (written into `out` when given).
+    """
+    n = q_pre.shape[2]
+    n_heads = q_pre.shape[1]
+    device = q_pre.device
+    last = q_pos + n - 1 if isinstance(q_pos, int) else int(q_pos.max())  # ints: no host sync
+    q_pos = query_positions(q_pos, n, device)
+    start = _as_int(window_start)
+    used = sparse_k.shape[2] if sparse_len is None else _as_int(sparse_len)
+    q_rot = rope_rotate(q_pre, q_pos, inv_freq)
+
+    window_len = min(window_k.shape[2], last - start + 1)
+    win_pos = torch.arange(start, start + window_len, device=device)
+    win_k = _expand_heads(rope_rotate(window_k[:, :, :window_len], win_pos, inv_freq), n_heads)
+    win_v = _expand_heads(window_v[:, :, :window_len], n_heads)
+    win_logits = torch.einsum("bhtd,bhnd->bhtn", q_rot.float(), win_k.float())
+    causal = win_pos.view(1, -1) <= q_pos.view(-1, 1)
+    logits, values = win_logits.masked_fill(~causal, float("-inf")), win_v
+
+    if used:
+        keys, pos = sparse_k[:, :, :used], sparse_pos[:, :, :used]
+        q_capped = None
+        if max_distance is not None:
+            q_capped = rope_rotate(q_pre, torch.full((n,), max_distance, device=device), inv_freq)
+        keys_rot = rope_rotate(keys, pos, inv_freq)
+        sparse = sparse_logits(q_rot, q_capped, keys, keys_rot, q_pos, pos, max_distance)
+        logits = torch.cat([sparse, logits], dim=-1)
+        values = torch.cat([sparse_v[:, :, :used], values], dim=2)
+
+    phi_in = q_rot if phi_input == "post_rope" else q_pre
+    phi_q = hedgehog(phi_in, phi_weight)
+    y = lola_combine(logits * scale, values, phi_q, h_state, s_state, gamma, mix).to(q_pre.dtype)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def evict_compete(
+    cand_k: torch.Tensor,
+    cand_v: torch.Tensor,
+    cand_pos: torch.Tensor,
+    h_state: torch.Tensor,
+    s_state: torch.Tensor,
+    phi_weight: torch.Tensor,
+    capacity: int,
+    inv_freq: torch.Tensor,
+    phi_input: str,
+) -> torch.Tensor:
+    """The competing branch of eviction (DESIGN §4.4): score, keep the top `capacity`, fold the rest.
+
+    cand_k/v [B,H,N,D] (cand_k pre-RoPE) at cand_pos [B,H,N]: the sparse cache followed by the chunk
+    leaving the window; phi_weight [H,D,F/2] is the key feature map. h_state/s_state are updated in
+    place with the dropped pairs. Returns keep [B,H,capacity] (candidate order).
+    """
+    x = rope_rotate(cand_k, cand_pos, inv_freq) if phi_input == "post_rope" else cand_k
+    phi_k = hedgehog(x, phi_weight)
+    scores = self_recall_error(phi_k, cand_v, h_state, s_state)
+    keep, drop = select_keep(scores, capacity)
+    fold(gather_tokens(phi_k, drop), gather_tokens(cand_v, drop), h_state, s_state)
+    return keep

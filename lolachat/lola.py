@@ -93,7 +93,7 @@ class ExactLayerMemory:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"k": self.k[:, :, : self.length], "v": self.v[:, :, : self.length]}
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, tensors: dict[str, torch.Tensor], rope: Rope | None = None) -> None:
         self.k, self.v = tensors["k"].clone(), tensors["v"].clone()
         self.length = self.k.shape[2]
 
@@ -112,17 +112,24 @@ def exact_attend(mem: ExactLayerMemory, q_rot, k_rot, v, scale: float) -> torch.
     past = mem.length
     mem.append(k_rot, v)
     keys, values = mem.k[:, :, : mem.length], mem.v[:, :, : mem.length]
-    group = q_rot.shape[1] // keys.shape[1]
-    keys, values = expand_heads(keys, group), expand_heads(values, group)
     t = q_rot.shape[2]
     if t == 1:
-        return F.scaled_dot_product_attention(q_rot, keys, values, scale=scale)
+        return grouped_decode_attention(q_rot, keys, values, scale)
     if past == 0:
-        return F.scaled_dot_product_attention(q_rot, keys, values, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q_rot, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     q_pos = torch.arange(past, past + t, device=q_rot.device)
     k_pos = torch.arange(mem.length, device=q_rot.device)
     mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
-    return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def grouped_decode_attention(q, keys, values, scale: float) -> torch.Tensor:
+    """One query per head [B,H,1,D] against [B,Hkv,N,D] without materialising repeated K/V."""
+    b, h, _, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, d)
+    weights = torch.softmax(torch.matmul(qg, keys.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32)
+    return torch.matmul(weights.to(values.dtype), values).reshape(b, h, 1, d)
 
 
 class LolaLayerMemory:
@@ -141,14 +148,19 @@ class LolaLayerMemory:
         self.cfg = cfg
         self.window_k = torch.zeros(batch, n_kv_heads, 2 * c, head_dim, dtype=dtype, device=device)
         self.window_v = torch.zeros_like(self.window_k)
+        # Keys rotated at their own positions: derived from the pre-RoPE keys, kept so that each
+        # decode step rotates only the new token (window) or nothing (sparse cache).
+        self.window_k_rot = torch.zeros_like(self.window_k)
         self.window_start = 0
         self.window_len = 0
         self.has_prev = False
         self.sparse_k = torch.empty(batch, n_heads, 0, head_dim, dtype=dtype, device=device)
         self.sparse_v = torch.empty_like(self.sparse_k)
         self.sparse_pos = torch.empty(batch, n_heads, 0, dtype=torch.long, device=device)
+        self.sparse_k_rot = torch.empty_like(self.sparse_k)
         self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=torch.float32, device=device)
         self.s = torch.zeros(batch, n_heads, feature_dim, dtype=torch.float32, device=device)
+        self.oldest_sparse_pos = 0
         self.folded = 0  # tokens that live only in the linear state
         self.evictions = 0  # chunks that left the window
 
@@ -164,8 +176,8 @@ class LolaLayerMemory:
         return self.window_len + self.sparse_len + self.folded
 
     def nbytes(self) -> dict[str, int]:
-        window = self.window_k.nbytes + self.window_v.nbytes
-        sparse = self.sparse_k.nbytes + self.sparse_v.nbytes + self.sparse_pos.nbytes
+        window = self.window_k.nbytes + self.window_v.nbytes + self.window_k_rot.nbytes
+        sparse = self.sparse_k.nbytes + self.sparse_v.nbytes + self.sparse_pos.nbytes + self.sparse_k_rot.nbytes
         state = self.h.nbytes + self.s.nbytes
         return {"window": window, "sparse": sparse, "state": state}
 
@@ -177,11 +189,16 @@ class LolaLayerMemory:
         out["counters"] = torch.tensor([int(getattr(self, n)) for n in self._COUNTERS], dtype=torch.long)
         return out
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, tensors: dict[str, torch.Tensor], rope: "Rope") -> None:
         for name in self._FIELDS:
             setattr(self, name, tensors[name].to(getattr(self, name).device).clone())
         for name, value in zip(self._COUNTERS, tensors["counters"].tolist()):
             setattr(self, name, bool(value) if name == "has_prev" else int(value))
+        self.oldest_sparse_pos = int(self.sparse_pos.min()) if self.sparse_pos.numel() else 0
+        positions = torch.arange(self.window_start, self.window_start + self.window_k.shape[2],
+                                 device=self.window_k.device)
+        self.window_k_rot = rope.rotate(self.window_k, positions)
+        self.sparse_k_rot = rope.rotate(self.sparse_k, self.sparse_pos)
 
 
 class LolaAttention:
@@ -220,43 +237,59 @@ class LolaAttention:
         return torch.cat(outputs, dim=2)
 
     def _attend_within_chunk(self, mem: LolaLayerMemory, q_pre, k_pre, v, pos0: int) -> torch.Tensor:
-        n = q_pre.shape[2]
-        mem.window_k[:, :, mem.window_len : mem.window_len + n] = k_pre
-        mem.window_v[:, :, mem.window_len : mem.window_len + n] = v
-        mem.window_len += n
+        b, h, n, d = q_pre.shape
+        hkv = k_pre.shape[1]
         device = q_pre.device
-        group = q_pre.shape[1] // k_pre.shape[1]
         q_pos = torch.arange(pos0, pos0 + n, device=device)
-        q_rot = self.rope.rotate(q_pre, q_pos)
+        end = mem.window_len + n
+        mem.window_k[:, :, mem.window_len : end] = k_pre
+        mem.window_v[:, :, mem.window_len : end] = v
+        mem.window_k_rot[:, :, mem.window_len : end] = self.rope.rotate(k_pre, q_pos)
+        mem.window_len = end
+        q_rot = self.rope.rotate(q_pre, q_pos).float()
 
-        win_pos = torch.arange(mem.window_start, mem.window_start + mem.window_len, device=device)
-        win_k = expand_heads(self.rope.rotate(mem.window_k[:, :, : mem.window_len], win_pos), group)
-        win_v = expand_heads(mem.window_v[:, :, : mem.window_len], group)
-        win_logits = torch.einsum("bhtd,bhnd->bhtn", q_rot.float(), win_k.float())
+        # Window: one KV head serves a group of query heads; fold the group into the query axis.
+        win_pos = torch.arange(mem.window_start, mem.window_start + end, device=device)
+        qg = q_rot.reshape(b, hkv, (h // hkv) * n, d)
+        win_logits = torch.matmul(qg, mem.window_k_rot[:, :, :end].float().transpose(-1, -2)) * self.scale
+        win_logits = win_logits.view(b, h, n, end)
         causal = win_pos.view(1, -1) <= q_pos.view(-1, 1)
         win_logits = win_logits.masked_fill(~causal, float("-inf"))
+        m = win_logits.max(dim=-1, keepdim=True).values
 
-        logits, values = win_logits, win_v
+        sparse = None
         if mem.sparse_len:
-            cap = self.cfg.max_distance
-            q_capped = None
-            if cap is not None:
-                q_capped = self.rope.rotate(q_pre, torch.full((n,), cap, device=device))
-            sparse_rot = self.rope.rotate(mem.sparse_k, mem.sparse_pos)
-            sparse = ref.sparse_logits(q_rot, q_capped, mem.sparse_k, sparse_rot, q_pos, mem.sparse_pos, cap)
-            logits = torch.cat([sparse, win_logits], dim=-1)
-            values = torch.cat([mem.sparse_v, win_v], dim=2)
+            sparse = self._sparse_logits(mem, q_pre, q_rot, q_pos) * self.scale
+            m = torch.maximum(m, sparse.max(dim=-1, keepdim=True).values)
+        w_win = torch.exp(win_logits - m)
+        num = torch.matmul(w_win.view(b, hkv, -1, end), mem.window_v[:, :, :end].float()).view(b, h, n, d)
+        den = w_win.sum(dim=-1, keepdim=True)
+        if sparse is not None:
+            w_sparse = torch.exp(sparse - m)
+            num = num + torch.matmul(w_sparse, mem.sparse_v.float())
+            den = den + w_sparse.sum(dim=-1, keepdim=True)
         phi_q = self.phi(q_pre, q_pos, self.adapter.phi_q)
-        y = ref.lola_combine(logits * self.scale, values, phi_q, mem.h, mem.s, self.gamma, self.cfg.mix)
+        y = ref.mix_linear(num, den, m, phi_q, mem.h, mem.s, self.gamma, self.cfg.mix)
         return y.to(q_pre.dtype)
+
+    def _sparse_logits(self, mem: LolaLayerMemory, q_pre, q_rot, q_pos) -> torch.Tensor:
+        """Unscaled logits against the sparse cache, distances capped at max_distance (DESIGN §4.4b)."""
+        near = torch.matmul(q_rot, mem.sparse_k_rot.float().transpose(-1, -2))
+        cap = self.cfg.max_distance
+        if cap is None or int(q_pos[-1]) - mem.oldest_sparse_pos <= cap:
+            return near
+        q_capped = self.rope.rotate(q_pre, torch.full((q_pre.shape[2],), cap, device=q_pre.device)).float()
+        far = torch.matmul(q_capped, mem.sparse_k.float().transpose(-1, -2))
+        distance = q_pos.view(1, 1, -1, 1) - mem.sparse_pos.unsqueeze(2)
+        return torch.where(distance > cap, far, near)
 
     def _close_chunk(self, mem: LolaLayerMemory) -> None:
         """The current chunk is full: it becomes the previous chunk, and the old one leaves the window."""
         c = self.cfg.chunk
         if mem.has_prev:
             self._evict(mem, mem.window_k[:, :, :c], mem.window_v[:, :, :c], mem.window_start)
-            mem.window_k[:, :, :c] = mem.window_k[:, :, c:].clone()
-            mem.window_v[:, :, :c] = mem.window_v[:, :, c:].clone()
+            for buffer in (mem.window_k, mem.window_v, mem.window_k_rot):
+                buffer[:, :, :c] = buffer[:, :, c:].clone()
             mem.window_start += c
             mem.window_len -= c
         mem.has_prev = True
@@ -274,6 +307,8 @@ class LolaAttention:
             mem.sparse_k = torch.cat([mem.sparse_k, k_pre], dim=2)
             mem.sparse_v = torch.cat([mem.sparse_v, v], dim=2)
             mem.sparse_pos = torch.cat([mem.sparse_pos, pos], dim=2)
+            mem.sparse_k_rot = torch.cat([mem.sparse_k_rot, self.rope.rotate(k_pre, pos)], dim=2)
+            mem.oldest_sparse_pos = int(mem.sparse_pos.min())
             return
         cand_k = torch.cat([mem.sparse_k, k_pre], dim=2)
         cand_v = torch.cat([mem.sparse_v, v], dim=2)
@@ -286,3 +321,5 @@ class LolaAttention:
         mem.sparse_k = ref.gather_tokens(cand_k, keep)
         mem.sparse_v = ref.gather_tokens(cand_v, keep)
         mem.sparse_pos = ref.gather_tokens(cand_pos, keep)
+        mem.sparse_k_rot = self.rope.rotate(mem.sparse_k, mem.sparse_pos)
+        mem.oldest_sparse_pos = int(mem.sparse_pos.min()) if capacity else 0

@@ -134,7 +134,7 @@ class Session:
             prefix = f"layers.{i}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             state = {k: (v.to(dtype) if v.is_floating_point() and k not in ("h", "s") else v) for k, v in state.items()}
-            layer.load({k: v.to(engine.device) for k, v in state.items()})
+            layer.load({k: v.to(engine.device) for k, v in state.items()}, engine.model.rope)
         return session
 
     # -- internals -----------------------------------------------------------------------------------
