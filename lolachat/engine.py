@@ -173,12 +173,14 @@ class Engine:
 
 def load(model: str | None = None, *, device: str = "auto", dtype: str | None = None, window: int | None = None,
          sparse: int | None | str = "auto", mix: str | None = None, max_distance: int | None = None,
-         feature_map: str | None = None, pull: bool = True, progress=None) -> Engine:
+         feature_map: str | None = None, pull: bool = True, progress=None,
+         adapter: str | Path | None = None) -> Engine:
     """Load a model by catalog alias, Hub repo id or local path (DESIGN §1).
 
     With a trained adapter the model runs in LoLA mode; without one, or with `sparse=None`, in exact
     mode (unbounded KV cache). `sparse="auto"` takes λ from the model's manifest (256 if it has none).
     `feature_map="identity"` runs LoLA with untrained identity-initialised maps (experimental).
+    `adapter` names an adapter file (DESIGN §4.5) to use instead of the model's own.
     """
     exact = sparse is None
     from lolachat import store, weights
@@ -192,7 +194,10 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls many times slower
     torch_dtype = resolve_dtype(dtype, dev)
 
-    adapter = _choose_adapter(local, args, feature_map, exact)
+    if adapter is not None and not exact and feature_map != "identity":
+        adapter = load_adapter(adapter, args)
+    else:
+        adapter = _choose_adapter(local, args, feature_map, exact)
     tensors = loaded.tensors
     if adapter is not None and adapter.lora:
         adapter.merge_lora_into(tensors)

@@ -189,7 +189,7 @@ class LolaLayerMemory:
         out["counters"] = torch.tensor([int(getattr(self, n)) for n in self._COUNTERS], dtype=torch.long)
         return out
 
-    def load(self, tensors: dict[str, torch.Tensor], rope: "Rope") -> None:
+    def load(self, tensors: dict[str, torch.Tensor], rope: Rope) -> None:
         for name in self._FIELDS:
             setattr(self, name, tensors[name].to(getattr(self, name).device).clone())
         for name, value in zip(self._COUNTERS, tensors["counters"].tolist()):

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -83,6 +82,19 @@ class Session:
         pieces = (before, document, after)
         return self._respond(pieces, progress, SamplingOptions(temperature, top_k, top_p, seed), max_new_tokens)
 
+    def catch_up(self, progress: ProgressFn | None = None) -> int:
+        """Feed the memory whatever of the transcript (`messages`) it has not seen yet, e.g. after the
+        transcript was restored without a matching state snapshot. Returns the number of tokens fed."""
+        text = self._render(generation_prompt=False) if self.messages else ""
+        if not text.startswith(self.consumed_text):
+            self.memory = self.engine.new_memory()
+            self.consumed_text = ""
+        ids = self._encode(text[len(self.consumed_text):])
+        if ids:
+            self.engine.prefill(self.memory, ids, progress)
+        self.consumed_text = text
+        return len(ids)
+
     def rewind_last_reply(self) -> None:
         """Forget the last exchange in the transcript (the state is restored by callers from a snapshot)."""
         while self.messages and self.messages[-1]["role"] != "user":
@@ -114,7 +126,7 @@ class Session:
             save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
 
     @classmethod
-    def load(cls, engine: Engine, path: Path) -> "Session":
+    def load(cls, engine: Engine, path: Path) -> Session:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})[METADATA_KEY])

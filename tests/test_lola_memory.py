@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from lolachat.kernels import reference as ref
-from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope
 from tiny import hf_config, hf_model, lola_model
+
+from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope
 
 N = 45  # not a multiple of the chunk size
 

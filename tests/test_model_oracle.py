@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from tiny import hf_config, hf_model, lola_model, our_model
 
 CONFIGS = [

