@@ -1,0 +1,125 @@
+"""The Python API of DESIGN §1 on a tiny chat model: chat, stats, save/resume, logits."""
+
+import pytest
+import torch
+
+import lolachat
+from lolachat.errors import LolachatError
+from tiny_chat_model import build
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    return lolachat.load(str(folder), device="cpu", window=8, sparse=16, feature_map="identity")
+
+
+def greedy(n=12):
+    return dict(max_new_tokens=n, temperature=0.0)
+
+
+def next_logits(session, text: str) -> torch.Tensor:
+    """Logits for the first reply token after `text`, without changing `session`'s memory for good."""
+    ids = session._encode(text)
+    return session.engine.prefill(session.memory, ids)
+
+
+def test_chat_streams_and_stats_account_for_every_token(engine):
+    sess = engine.session()
+    pieces = list(sess.chat("Hello! How are you today?", **greedy(20)))
+    stats = sess.stats()
+    assert stats["mode"] == "lola-identity"
+    assert stats["tokens_seen"] == stats["last_turn"]["prompt_tokens"] + stats["last_turn"]["new_tokens"]
+    assert stats["window_tokens"] + stats["sparse_tokens"] + stats["linear_tokens"] == stats["tokens_seen"]
+    assert stats["full_kv_bytes"] > 0 and stats["state_bytes"] > 0
+    assert sess.messages[-1]["role"] == "assistant"
+    assert "".join(pieces) in sess.messages[-1]["content"] or not pieces
+
+
+def test_second_turn_feeds_only_the_new_text(engine):
+    sess = engine.session()
+    list(sess.chat("Tell me a story about a cat.", **greedy(6)))
+    first_seen = sess.stats()["tokens_seen"]
+    list(sess.chat("What is the capital of France?", **greedy(6)))
+    prompt = sess.stats()["last_turn"]["prompt_tokens"]
+    assert prompt < 30 and sess.stats()["tokens_seen"] > first_seen
+
+
+def test_incremental_turns_equal_one_prefill_of_the_transcript(engine):
+    sess = engine.session()
+    list(sess.chat("Tell me a story about a cat.", **greedy(15)))
+    list(sess.chat("Numbers: 1 2 3", **greedy(15)))
+    fresh = engine.session()
+    fresh.messages = [dict(m) for m in sess.messages]
+    fresh.catch_up()
+    # A reply cut by max_new_tokens lacks the end-of-turn marker the transcript renders with.
+    assert fresh.consumed_text.startswith(sess.consumed_text)
+    missing = fresh.consumed_text[len(sess.consumed_text):]
+    follow = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    torch.testing.assert_close(next_logits(fresh, follow), next_logits(sess, missing + follow),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_save_and_resume_continue_like_an_unbroken_run(engine, tmp_path):
+    sess = engine.session()
+    list(sess.chat("Once upon a time there was a cat.", **greedy(30)))
+    list(sess.chat("And then?", **greedy(30)))
+    path = tmp_path / "s.safetensors"
+    sess.save(path)
+    resumed = engine.resume(path)
+    assert resumed.messages == sess.messages and resumed.stats()["tokens_seen"] == sess.stats()["tokens_seen"]
+    a = list(sess.chat("Hello!", **greedy(10)))
+    b = list(resumed.chat("Hello!", **greedy(10)))
+    assert a == b
+
+
+def test_resume_refuses_a_state_from_other_settings(folder, engine, tmp_path):
+    sess = engine.session()
+    list(sess.chat("Hello!", **greedy(4)))
+    path = tmp_path / "s.safetensors"
+    sess.save(path)
+    other = lolachat.load(str(folder), device="cpu", window=8, sparse=32, feature_map="identity")
+    with pytest.raises(LolachatError, match="sparse"):
+        other.resume(path)
+
+
+def test_resume_rejects_a_file_that_is_not_a_session(engine, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(LolachatError, match="not a lolachat session"):
+        engine.resume(junk)
+
+
+def test_logits_of_a_fresh_state_match_a_single_forward(engine):
+    ids = list(range(3, 60))
+    logits = engine.logits(ids)
+    memory = engine.new_memory()
+    with torch.no_grad():
+        direct = engine.model(torch.tensor([ids]), memory, all_logits=True)[0]
+    assert logits.shape == (len(ids), direct.shape[-1])
+    torch.testing.assert_close(logits, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_stopping_a_stream_early_keeps_memory_and_transcript_in_step(engine):
+    sess = engine.session()
+    stream = sess.chat("Tell me a story about a cat.", max_new_tokens=50, temperature=0.8, seed=1)
+    next(stream)
+    stream.close()
+    assert sess.stats()["last_turn"]["stopped_by"] == "interrupted"
+    fresh = engine.session()
+    fresh.messages = [dict(m) for m in sess.messages]
+    fresh.catch_up()
+    # The interrupted reply was recorded exactly as far as the memory saw it.
+    assert sess.consumed_text.startswith(fresh.consumed_text.rstrip("\n").removesuffix("<|im_end|>"))
+
+
+def test_sampling_with_a_seed_is_reproducible(engine):
+    runs = []
+    for _ in range(2):
+        sess = engine.session()
+        runs.append("".join(sess.chat("Hello!", max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=7)))
+    assert runs[0] == runs[1]
