@@ -1,0 +1,251 @@
+"""Distillation: the parallel student equals inference, training lowers the loss, adapters load and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_evals import build_tiny_model
+
+import lolachat
+from lolachat.cli import main
+from lolachat.commands.distill import load_base
+from lolachat.distill import (
+    DistillConfig,
+    Trainable,
+    distill,
+    hybrid_attention,
+    sparse_schedule,
+    stage1_path,
+    student_logits,
+)
+from lolachat.distill_data import collect, load_corpus, prepare, save_corpus
+from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope
+
+B, H, HKV, D, HALF, C = 2, 4, 2, 8, 6, 8
+
+
+def random_qkv(t: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, t, D, generator=g) * 1.5
+    k = torch.randn(B, HKV, t, D, generator=g) * 1.5
+    v = torch.randn(B, HKV, t, D, generator=g)
+    adapter = LayerAdapter(torch.randn(H, D, HALF, generator=g), torch.randn(H, D, HALF, generator=g),
+                           torch.randn(H, generator=g))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    return q, k, v, adapter, inv_freq
+
+
+@pytest.mark.parametrize("mix", ["lola", "lolcats"])
+@pytest.mark.parametrize("phi_input", ["pre_rope", "post_rope"])
+@pytest.mark.parametrize("sparse,max_distance", [(0, None), (5, None), (16, 20), (24, None), (200, 20)])
+def test_parallel_student_equals_lola_attention(mix, phi_input, sparse, max_distance):
+    t = 83  # not a multiple of C: a partial last chunk
+    q, k, v, adapter, inv_freq = random_qkv(t)
+    cfg = LolaConfig(chunk=C, sparse=sparse, mix=mix, phi_input=phi_input, max_distance=max_distance)
+    attention = LolaAttention(cfg, adapter, Rope(inv_freq), 1 / math.sqrt(D))
+    want = attention.attend(LolaLayerMemory(cfg, B, H, HKV, D, 2 * HALF, torch.float32, "cpu"), q, k, v, 0)
+    schedule = sparse_schedule(k, v, adapter.phi_k, inv_freq, n_heads=H, chunk=C, capacity=sparse,
+                               phi_input=phi_input)
+    got = hybrid_attention(q, k, v, adapter.phi_q, adapter.phi_k, adapter.window_factor, inv_freq, chunk=C,
+                           mix=mix, phi_input=phi_input, sparse=schedule, max_distance=max_distance)
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+    assert (schedule is None) == (sparse == 0)
+
+
+def test_schedule_is_the_inference_cache_chunk_by_chunk():
+    t = 10 * C
+    q, k, v, adapter, inv_freq = random_qkv(t, seed=3)
+    cfg = LolaConfig(chunk=C, sparse=20, phi_input="pre_rope")
+    attention = LolaAttention(cfg, adapter, Rope(inv_freq), 1 / math.sqrt(D))
+    mem = LolaLayerMemory(cfg, B, H, HKV, D, 2 * HALF, torch.float32, "cpu")
+    idx, valid = sparse_schedule(k, v, adapter.phi_k, inv_freq, n_heads=H, chunk=C, capacity=20,
+                                 phi_input="pre_rope")
+    for n in range(10):
+        if n >= 2:  # what the queries of chunk n see = the cache after chunks 0..n-1 went in
+            members = idx[:, :, n, valid[0, 0, n]]
+            assert torch.equal(mem.sparse_pos.sort(dim=-1).values, members)
+        attention.attend(mem, q[:, :, n * C : (n + 1) * C], k[:, :, n * C : (n + 1) * C],
+                         v[:, :, n * C : (n + 1) * C], n * C)
+
+
+def test_gradients_reach_the_trainable_parameters():
+    q, k, v, adapter, inv_freq = random_qkv(40)
+    params = [adapter.phi_q.requires_grad_(), adapter.phi_k.requires_grad_(), adapter.window_factor.requires_grad_()]
+    k.requires_grad_()
+    y = hybrid_attention(q, k, v, *params, inv_freq, chunk=C, mix="lola", phi_input="pre_rope",
+                         sparse=sparse_schedule(k, v, adapter.phi_k, inv_freq, n_heads=H, chunk=C, capacity=8,
+                                                phi_input="pre_rope"))
+    y.square().mean().backward()
+    for p in [*params, k]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- model level
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("distill") / "model", max_position=512)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """~30K characters of varied English text (pydoc topics), not in the test tokenizer's training text."""
+    docs = collect(["pydoc"])
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n\n".join(d.text for d in docs)[:60000])
+    return path
+
+
+def test_student_model_equals_engine_with_the_written_adapter(tiny_folder, tmp_path):
+    model, tokenizer, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    cfg = DistillConfig(chunk=C, sparse=12, max_distance=40)
+    tr = Trainable(model, cfg, "cpu")
+    g = torch.Generator().manual_seed(5)
+    for name, value in tr.params.items():  # random maps, gates and LoRA (B ≠ 0) so every path matters
+        value.copy_(torch.randn(value.shape, generator=g) * (0.05 if ".lora_" in name else 1.0))
+    ids = torch.randint(0, model.args.vocab_size, (1, 90), generator=g)
+    with torch.no_grad():
+        want = student_logits(model, ids, tr, cfg)[0]
+    path = tmp_path / "a.lola.safetensors"
+    from lolachat.adapter import save_adapter
+
+    save_adapter(tr.adapter({"phi_input": "pre_rope", "chunk": C, "lora_scale": cfg.lora_scale}, with_lora=True),
+                 path)
+    engine = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", adapter=str(path), sparse=12,
+                           max_distance=40)
+    assert engine.info.window == C and engine.info.mode == "lola"
+    torch.testing.assert_close(engine.logits(ids[0].tolist()), want, atol=2e-4, rtol=1e-4)
+
+
+def small_config(**overrides) -> DistillConfig:
+    values = dict(chunk=C, seq_lens=(32, 64), steps=16, batch=4, lr=3e-2, stage2_steps=4, stage2_batch=2,
+                  stage2_seq_len=48, stage2_lr=1e-3, sparse=16, checkpoint_every=5, eval_batches=1)
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def corpus_tokens(folder: Path, text_file: Path) -> tuple[np.ndarray, dict]:
+    from lolachat.tokenizer import load_tokenizer
+
+    corpus, _ = prepare([str(text_file)], load_tokenizer(folder))
+    return corpus.tokens, corpus.meta
+
+
+def test_distillation_lowers_the_loss_and_writes_a_loadable_adapter(tiny_folder, text_file, tmp_path):
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    tokens, meta = corpus_tokens(tiny_folder, text_file)
+    out = tmp_path / "tiny.lola.safetensors"
+    seen = []
+    result = distill(model, tokens, small_config(), out, base=base, data_meta=meta,
+                     on_step=lambda stage, step, planned, loss: seen.append((stage, step)))
+    ev = result["eval"]
+    assert ev["stage1_valid_mse"] < 0.8 * ev["stage1_valid_mse_init"]
+    assert ev["stage2_valid_xent"] < ev["stage1_valid_xent"]
+    assert seen[-1] == ("stage 2", 4) and ("stage 1", 16) in seen
+    assert out.exists() and stage1_path(out).exists() and not Path(str(out) + ".ckpt").exists()
+    assert result["recipe"]["stage1"]["seq_lens"] == [32, 64] and result["data"]["sources"]
+    assert result["base_weights_sha256"] == base["weights_sha256"] and result["lora_scale"] == 2.0
+    engine = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", adapter=str(out), sparse=16)
+    assert engine.info.mode == "lola" and engine.info.window == C
+    reply = "".join(engine.session().chat("Hello", max_new_tokens=4, temperature=0.0))
+    assert isinstance(reply, str)
+    stage1 = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", adapter=str(stage1_path(out)))
+    assert stage1.info.mode == "lola"
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_folder, text_file, tmp_path):
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    tokens, meta = corpus_tokens(tiny_folder, text_file)
+    cfg = small_config(steps=12, stage2_steps=0, seq_lens=(32,))
+    straight = tmp_path / "a.lola.safetensors"
+    distill(model, tokens, cfg, straight, base=base, data_meta=meta)
+
+    resumed = tmp_path / "b.lola.safetensors"
+
+    def stop_at_7(stage, step, planned, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, tokens, cfg, resumed, base=base, data_meta=meta, on_step=stop_at_7)
+    checkpoint = Path(str(resumed) + ".ckpt")
+    assert checkpoint.exists() and not resumed.exists()
+    messages = []
+    distill(model, tokens, cfg, resumed, base=base, data_meta=meta, notice=messages.append)
+    assert messages and "step 5" in messages[0]
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight), load_file(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+
+    # a checkpoint of another configuration is refused, --restart discards it
+    distill_cfg = small_config(steps=12, stage2_steps=0, seq_lens=(32,), lr=1e-3)
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, tokens, cfg, resumed, base=base, data_meta=meta, on_step=stop_at_7)
+    with pytest.raises(lolachat.LolachatError, match="restart"):
+        distill(model, tokens, distill_cfg, resumed, base=base, data_meta=meta)
+    distill(model, tokens, distill_cfg, resumed, base=base, data_meta=meta, restart=True)
+
+
+def test_time_cap_shortens_the_plan(tiny_folder, text_file, tmp_path):
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    tokens, meta = corpus_tokens(tiny_folder, text_file)
+    result = distill(model, tokens, small_config(steps=500, seconds=0.0, stage2_steps=0, seq_lens=(32,)),
+                     tmp_path / "t.lola.safetensors", base=base, data_meta=meta)
+    assert 1 <= result["recipe"]["stage1"]["steps"] <= 5
+
+
+# ---------------------------------------------------------------------------------- data and the CLI
+
+
+def test_corpus_holds_out_documents_and_checks_the_tokenizer(tmp_path, tiny_folder):
+    from lolachat.distill_data import Document, tokenize
+    from lolachat.tokenizer import load_tokenizer
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(80):
+        (folder / f"doc{i}.txt").write_text(f"Document number {i} talks about gardens and rivers. " * 20)
+    (folder / "table.txt").write_text("1 2 3 4 5 | 6 7 8 9 |\n" * 100)  # not prose: skipped
+    docs = collect([str(folder)])
+    assert len(docs) == 80 and all(d.source.startswith("file:") for d in docs)
+    held = [d for d in docs if d.heldout]
+    assert 0 < len(held) < 10
+    tokenizer = load_tokenizer(tiny_folder)
+    corpus, heldout_text = prepare([str(folder)], tokenizer)
+    assert corpus.meta["heldout_documents"] == len(held)
+    for d in held:
+        assert d.text in heldout_text
+    path = tmp_path / "c.npz"
+    save_corpus(corpus, path)
+    again = load_corpus(path, tokenizer)
+    assert np.array_equal(again.tokens, corpus.tokens) and again.meta == corpus.meta
+    other = tokenize([Document("x", "y", "hello")], tokenizer)
+    other.meta["tokenizer"] = "something-else"
+    save_corpus(other, tmp_path / "o.npz")
+    with pytest.raises(lolachat.LolachatError, match="another tokenizer"):
+        load_corpus(tmp_path / "o.npz", tokenizer)
+
+
+def test_distill_command(tiny_folder, text_file, tmp_path, capsys):
+    npz = tmp_path / "corpus.npz"
+    assert main(["distill", str(tiny_folder), "--data", str(text_file), "--prepare-data", str(npz)]) == 0
+    assert npz.exists() and npz.with_suffix(".heldout.txt").exists()
+    capsys.readouterr()
+    out = tmp_path / "cli.lola.safetensors"
+    assert main(["distill", str(tiny_folder), "--data", str(npz), "--out", str(out), "--device", "cpu",
+                 "--window", "8", "--seq-len", "32", "--steps", "3", "--batch", "2", "--stage2-steps", "2",
+                 "--stage2-seq-len", "32", "--stage2-batch", "1", "--sparse", "8", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["adapter"] == str(out) and printed["metadata"]["recipe"]["stage2"]["steps"] == 2
+    assert main(["distill", str(tiny_folder), "--data", str(npz), "--seq-len", "x1"]) == 1
+    assert "bad sequence length" in capsys.readouterr().err
+    assert main(["distill", str(tiny_folder), "--data", "nonsense-source"]) == 1
+    assert "unknown training-text source" in capsys.readouterr().err
