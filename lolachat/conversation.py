@@ -62,7 +62,7 @@ class Turn:
     end: int  # messages after the turn
     user: str
     reply: str
-    snapshot: bool  # a snapshot of the state after this turn is kept
+    restorable: bool  # the state before this turn comes back without re-reading (snapshot kept, or empty)
 
 
 class Conversation:
@@ -121,7 +121,8 @@ class Conversation:
             while end < len(msgs) and msgs[end]["role"] != "user":
                 end += 1
             reply = "".join(x["content"] for x in msgs[i + 1:end] if x["role"] == "assistant")
-            out.append(Turn(len(out) + 1, i, end, m["content"], reply, end in kept))
+            empty = all(x["role"] == "system" for x in msgs[:i])
+            out.append(Turn(len(out) + 1, i, end, m["content"], reply, i in kept or empty))
         return out
 
     # -- talking ----------------------------------------------------------------------------------------

@@ -146,8 +146,8 @@ def test_keep_last_k_snapshots_and_rewind(db, engine):
     assert [s.messages for s in snaps] == [8, 6]
     assert sorted(p.name for p in db.snapshot_dir(conv.id).iterdir()) == sorted(s.path.name for s in snaps)
     turns = conv.turns()
-    assert [(t.number, t.start, t.end, t.snapshot) for t in turns] == [
-        (1, 0, 2, False), (2, 2, 4, False), (3, 4, 6, True), (4, 6, 8, True)]
+    assert [(t.number, t.start, t.end, t.restorable) for t in turns] == [
+        (1, 0, 2, True), (2, 2, 4, False), (3, 4, 6, False), (4, 6, 8, True)]
 
     report = conv.rewind(6)  # to the state after turn 3: its snapshot is kept
     assert report.source == "snapshot" and report.prefilled_tokens == 0

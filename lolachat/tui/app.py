@@ -71,9 +71,10 @@ class SessionOpened(Message):
 
 
 class TurnStarted(Message):
-    def __init__(self, text: str, rebuild: bool):
+    def __init__(self, text: str, history: list[dict] | None):
         super().__init__()
-        self.text, self.rebuild = text, rebuild
+        self.text = text
+        self.history = history  # the conversation before this turn, when it changed (regenerate, edit)
 
 
 class ReplyDelta(Message):
@@ -123,7 +124,7 @@ class ChatScreen(Screen):
         with Horizontal(id="main"):
             with Vertical(id="chat"):
                 yield VerticalScroll(id="conversation")
-                yield Static("", id="status")
+                yield Static("", id="status", markup=False)
                 yield PromptInput(id="prompt")
             yield StatsPanel(id="stats", mask=self.mask)
         yield Footer()
@@ -160,8 +161,15 @@ class LolachatApp(App):
         self.stop_event = threading.Event()
         self.ui_interval = UI_INTERVAL
         self.deltas = 0  # screen updates of the reply being streamed (tests look at it)
+        self.turns_done = 0  # turns finished (or failed) since start
         self.reply_view: MessageView | None = None
+        self.pending_prompt: str | None = None
         self.status_text = ""
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """Notifications carry user text and error messages: never interpret them as markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     # -- layout ----------------------------------------------------------------------------------------------
     def get_default_screen(self) -> Screen:
@@ -258,7 +266,7 @@ class LolachatApp(App):
             return
         self.post_message(EngineLoaded(engine))
         if then_open:
-            self._open(self.initial_session() if self.conv is None else self.conv.name)
+            self._open(self.initial_session() if self.conv is None else self.conv.name, engine)
 
     def on_status(self, event: Status) -> None:
         self.set_status(event.text)
@@ -292,11 +300,11 @@ class LolachatApp(App):
     def open_worker(self, name: str | None) -> None:
         self._open(name)
 
-    def _open(self, name: str | None) -> None:
+    def _open(self, name: str | None, engine=None) -> None:
         """In a worker: open (resume) or create a session, then report it."""
         _worker_thread_setup()
         try:
-            conv = Conversation.open(self.db, self.engine, name, system=self.system,
+            conv = Conversation.open(self.db, engine or self.engine, name, system=self.system,
                                      keep_snapshots=self.keep_snapshots, settings=None)
         except LolachatError as err:
             self.post_message(SessionOpened(None, str(err)))
@@ -317,6 +325,9 @@ class LolachatApp(App):
         self.panel.history.clear()
         self.panel.show(conv.stats(), self.engine.describe())
         self.set_status(self.describe_resume(conv.report))
+        if self.pending_prompt:
+            self.prompt.load_text(self.pending_prompt)
+            self.pending_prompt = None
 
     def describe_resume(self, report: ResumeReport) -> str:
         text = report.summary()
@@ -324,13 +335,15 @@ class LolachatApp(App):
             text = re.sub(r"\d+ ms", "·· ms", text)
         return text
 
-    async def rebuild_view(self) -> None:
+    async def rebuild_view(self, messages: list[dict] | None = None) -> None:
+        """Show `messages` (default: the conversation's; a worker may be adding to those)."""
         view = self.conversation_view
         await view.remove_children()
-        widgets = [MessageView(m["role"], m["content"]) for m in self.conv.messages]
+        messages = self.conv.messages if messages is None else messages
+        widgets = [MessageView(m["role"], m["content"]) for m in messages]
         if not widgets:
             widgets = [Static("Type a message and press Enter. Ctrl+J adds a line; Esc stops a reply; "
-                              "Ctrl+P lists every command.", classes="hint")]
+                              "Ctrl+P lists every command.", classes="hint", markup=False)]
         await view.mount_all(widgets)
         view.scroll_end(animate=False)
 
@@ -368,7 +381,7 @@ class LolachatApp(App):
         except LolachatError as err:
             self.post_message(TurnDone(None, str(err)))
             return
-        self.post_message(TurnStarted(text, rebuild=kind != "send"))
+        self.post_message(TurnStarted(text, None if kind == "send" else [dict(m) for m in conv.messages]))
         self._stream(pieces)
 
     def _stream(self, pieces: Iterator[str]) -> None:
@@ -397,9 +410,8 @@ class LolachatApp(App):
         self.post_message(TurnDone(conv.stats(), None, warnings))
 
     async def on_turn_started(self, event: TurnStarted) -> None:
-        if event.rebuild:
-            await self.rebuild_view()
-            self.panel.show(self.conv.stats(), self.engine.describe())
+        if event.history is not None:
+            await self.rebuild_view(event.history)
         view = self.conversation_view
         await view.query(".hint").remove()
         self.deltas = 0
@@ -416,6 +428,7 @@ class LolachatApp(App):
 
     async def on_turn_done(self, event: TurnDone) -> None:
         self.set_busy(None)
+        self.turns_done += 1
         turn = (event.stats or {}).get("last_turn", {})
         if self.reply_view is not None:
             stopped = turn.get("stopped_by")
@@ -432,7 +445,7 @@ class LolachatApp(App):
             self.notify(warning, severity="warning", timeout=8)
         self.panel.history.add(event.stats)
         self.panel.show(event.stats, self.engine.describe())
-        how = {"interrupted": "stopped", "end_of_turn": "done", "max_new_tokens": "hit max new tokens"}
+        how = {"interrupted": "stopped", "end_of_turn": "done", "max_new_tokens": "max new tokens"}
         speed = "·· tok/s" if self.mask else f"{turn.get('decode_tok_s', 0):.1f} tok/s"
         self.set_status(f"{how.get(turn.get('stopped_by'), 'done')} · {turn.get('new_tokens', 0)} tokens · "
                         f"{speed} · saved")
@@ -482,6 +495,8 @@ class LolachatApp(App):
 
         def chosen(keep: int | None) -> None:
             if keep is not None:
+                # the message of the turn taken back goes into the prompt, to edit and resend
+                self.pending_prompt = self.conv.messages[keep]["content"]
                 self.start_rewind(keep)
 
         self.push_screen(RewindScreen(turns), chosen)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -83,7 +84,7 @@ class ModelsScreen(Screen):
                 yield Button("Pull", id="pull", variant="primary")
                 yield Button("Cancel", id="cancel", disabled=True)
             yield ProgressBar(id="bar", show_eta=False)
-            yield Static("", id="pull-status")
+            yield Static("", id="pull-status", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -91,6 +92,8 @@ class ModelsScreen(Screen):
         table = self.query_one("#models", DataTable)
         table.add_columns("NAME", "SIZE", "ADAPTER", "SOURCE", "")
         self.reload()
+        if not table.row_count:
+            self.query_one("#pull-status", Static).update("no models yet: type a name below and press Pull")
         table.focus()
 
     def reload(self) -> None:
@@ -109,9 +112,8 @@ class ModelsScreen(Screen):
             if m.name == self.current_model:
                 marks.append("in use")
             adapter = "LoLA" if m.adapter else "none (exact)"
-            table.add_row(m.name, human_bytes(m.size), adapter, m.source, ", ".join(marks), key=m.name)
-        if not table.row_count:
-            self.query_one("#pull-status", Static).update("no models yet: type a name below and press Pull")
+            cells = (m.name, human_bytes(m.size), adapter, m.source, ", ".join(marks))
+            table.add_row(*(Text(c) for c in cells), key=m.name)
 
     def selected(self) -> str | None:
         table = self.query_one("#models", DataTable)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -52,7 +53,7 @@ class TextPrompt(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.title_text, classes="title")
+            yield Label(self.title_text, classes="title", markup=False)
             yield Input(self.value, placeholder=self.placeholder, id="text")
             yield Label("Enter to accept, Esc to cancel", classes="hint")
 
@@ -74,7 +75,7 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.question, classes="title")
+            yield Label(self.question, classes="title", markup=False)
             with Horizontal():
                 yield Button("Yes", id="yes", variant="error")
                 yield Button("No", id="no", variant="primary")
@@ -124,7 +125,8 @@ class SessionsScreen(ModalScreen[tuple[str, str | None] | None]):
             turns = sum(1 for m in self.db.messages(r.id) if m["role"] == "user")
             mark = "● " if r.name == self.current else "  "
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.updated))
-            options.add_option(Option(f"{mark}{r.name}  ·  {turns} turns  ·  {r.model or '-'}  ·  {when}", id=r.name))
+            label = Text(f"{mark}{r.name}  ·  {turns} turns  ·  {r.model or '-'}  ·  {when}")
+            options.add_option(Option(label, id=r.name))
         names = [r.name for r in records]
         target = highlight or self.current
         if target in names:
@@ -196,11 +198,12 @@ class RewindScreen(ModalScreen[int | None]):
             for t in self.turns:
                 text = " ".join(t.user.split())
                 text = text if len(text) <= 60 else text[:59] + "…"
-                snap = "snapshot" if t.snapshot or t.start == 0 else "re-read"
-                options.append(Option(f"{t.number:>3}. {text}   [{snap}]", id=str(t.start)))
+                snap = "snapshot" if t.restorable else "re-read"
+                options.append(Option(Text(f"{t.number:>3}. {text}   [{snap}]"), id=str(t.start)))
             yield OptionList(*options, id="turns")
             yield Label("[snapshot]: the state before this turn is restored instantly; "
-                        "[re-read]: its snapshot was not kept, the transcript is read again", classes="hint")
+                        "[re-read]: its snapshot was not kept, the transcript is read again", classes="hint",
+                        markup=False)
 
     def on_mount(self) -> None:
         options = self.query_one("#turns", OptionList)
@@ -248,7 +251,7 @@ class SettingsScreen(ModalScreen[dict | None]):
                 for key, label, _ in SAMPLING_FIELDS:
                     yield Label(label)
                     yield Input(str(self.sampling[key]), id=key)
-            yield Static("", id="error")
+            yield Static("", id="error", markup=False)
             with Horizontal():
                 yield Button("Save", id="save", variant="primary")
                 yield Button("Cancel", id="cancel")

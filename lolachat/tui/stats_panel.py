@@ -89,7 +89,7 @@ def render_stats(stats: dict | None, info: dict | None, *, history: History | No
                  process: ProcessMemory | None = None, mask: bool = False, width: int = 30) -> Text:
     """The panel's text. `stats` is `Session.stats()`, `info` is `Engine.describe()`."""
     t = Text(no_wrap=False, overflow="fold")
-    label_w = 14
+    label_w = 16
 
     def row(label: str, value: str, style: str = "") -> None:
         t.append(f"{label:<{label_w}}", style="dim")
@@ -114,6 +114,8 @@ def render_stats(stats: dict | None, info: dict | None, *, history: History | No
     row("tokens seen", f"{stats['tokens_seen']:,}", "bold")
     if mode == "exact":
         row("KV cache", human_bytes(stats["cache_bytes"]), "bold")
+        if stats["tokens_seen"]:
+            row("  per token", human_bytes(stats["cache_bytes"] / stats["tokens_seen"]))
         t.append(f"{'growth':<{label_w}}", style="dim")
         t.append(f"{sparkline((history.cache if history else []) + [stats['cache_bytes']], width=width - label_w)}\n",
                  style="yellow")
@@ -139,7 +141,8 @@ def render_stats(stats: dict | None, info: dict | None, *, history: History | No
         t.append(f"{sparkline(history.cache + [stats['cache_bytes']], top, width - 8)}\n", style="green")
         t.append(f"{'full KV':<8}", style="dim")
         t.append(f"{sparkline(history.full_kv + [full], top, width - 8)}\n", style="red")
-    row("evictions/turn", f"{turn.get('evictions', 0):,}")
+    if mode != "exact":
+        row("evictions/turn", f"{turn.get('evictions', 0):,}")
     t.append("\n")
     head("SPEED")
     row("prefill", MASK if mask else f"{turn.get('prefill_tok_s', 0):,.0f} tok/s")
