@@ -62,13 +62,13 @@ class Session:
 
     # -- conversation ----------------------------------------------------------------------------
     def chat(self, message: str, *, max_new_tokens: int = 512, temperature: float = 0.7, top_k: int = 40,
-             top_p: float = 0.95, seed: int | None = None) -> Iterator[str]:
-        """Add a user message and stream the reply as text pieces."""
+             top_p: float = 0.95, seed: int | None = None, progress: ProgressFn | None = None) -> Iterator[str]:
+        """Add a user message and stream the reply as text pieces (`progress` sees the prefill)."""
         if not message.strip():
             raise BadInput("the message is empty")
         self.messages.append({"role": "user", "content": message})
         prompt = self._render(generation_prompt=True)
-        return self._respond(prompt, None, SamplingOptions(temperature, top_k, top_p, seed), max_new_tokens)
+        return self._respond(prompt, progress, SamplingOptions(temperature, top_k, top_p, seed), max_new_tokens)
 
     def ask(self, document: str, question: str, *, progress: ProgressFn | None = None, max_new_tokens: int = 512,
             temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, seed: int | None = None) -> Iterator[str]:

@@ -11,7 +11,7 @@ import torch
 from hub_imitation import isolated_home, serve_hub, tiny_llama_repo
 from rich.text import Text
 from textual.app import App, ComposeResult
-from tiny_chat_model import build, load_engine
+from tiny_chat_model import build, filler, load_engine
 
 from lolachat import store
 from lolachat.config import load_config
@@ -158,6 +158,28 @@ def test_escape_stops_generation_at_once(engine, tmp_path):
             # the partial turn is saved like any other, with its snapshot
             assert app.db.messages(app.conv.id) == app.conv.messages
             assert app.db.snapshots(app.conv.id)[0].messages == 2
+    run(scenario())
+
+
+def test_escape_while_a_long_message_is_read(engine, tmp_path):
+    async def scenario():
+        app = make_app(engine, tmp_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await idle(pilot)
+            await send(pilot, "Hello there")
+            before = list(app.conv.messages)
+            position = app.conv.session.memory.position
+            long = filler(16_000)
+            app.prompt.load_text(long)
+            done = app.turns_done
+            await pilot.press("enter")
+            await pilot.press("escape")  # while the prefill runs (thousands of tokens)
+            await wait_until(pilot, lambda: app.turns_done > done)
+            await idle(pilot)
+            assert app.conv.messages == before and app.db.messages(app.conv.id) == before
+            assert app.conv.session.memory.position == position  # back to the saved state
+            assert app.prompt.text == long and "nothing was sent" in app.status_text
+            assert roles(app) == ["user", "assistant"]
     run(scenario())
 
 

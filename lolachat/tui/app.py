@@ -84,9 +84,15 @@ class ReplyDelta(Message):
 
 
 class TurnDone(Message):
-    def __init__(self, stats: dict | None, error: str | None = None, warnings: Iterable[str] = ()):
+    def __init__(self, stats: dict | None, error: str | None = None, warnings: Iterable[str] = (),
+                 unsent: str | None = None):
         super().__init__()
         self.stats, self.error, self.warnings = stats, error, list(warnings)
+        self.unsent = unsent  # stopped before the reply began: the message, given back to the prompt
+
+
+class StopRequested(Exception):
+    """Raised from the prefill progress callback when Esc is pressed while a long message is read."""
 
 
 class ChatScreen(Screen):
@@ -377,14 +383,21 @@ class LolachatApp(App):
             elif kind == "edit":
                 index, _ = conv.last_user_message()
                 conv.rewind(index)
-            pieces = conv.send(text, **self.sampling)
+            pieces = conv.send(text, progress=self._prefill_progress, **self.sampling)
         except LolachatError as err:
             self.post_message(TurnDone(None, str(err)))
             return
         self.post_message(TurnStarted(text, None if kind == "send" else [dict(m) for m in conv.messages]))
-        self._stream(pieces)
+        self._stream(pieces, text)
 
-    def _stream(self, pieces: Iterator[str]) -> None:
+    def _prefill_progress(self, done: int, total: int) -> None:
+        """In the worker, between prefill blocks: report long reads, and honour Esc."""
+        if self.stop_event.is_set():
+            raise StopRequested()
+        if done < total:
+            self.post_message(Status(f"reading your message: {done:,} of {total:,} tokens …"))
+
+    def _stream(self, pieces: Iterator[str], text: str) -> None:
         conv = self.conv
         buffer, last = "", 0.0
         try:
@@ -397,6 +410,9 @@ class LolachatApp(App):
                     self.post_message(ReplyDelta(buffer, conv.stats()))
                     buffer, last = "", now
             pieces.close()  # saves the turn (with the partial reply when stopped)
+        except StopRequested:  # the conversation went back to its saved state
+            self.post_message(TurnDone(conv.stats(), unsent=text))
+            return
         except LolachatError as err:
             self.post_message(TurnDone(conv.stats(), str(err)))
             return
@@ -434,6 +450,12 @@ class LolachatApp(App):
             stopped = turn.get("stopped_by")
             await self.reply_view.finish("stopped" if stopped == "interrupted" else None)
             self.reply_view = None
+        if event.unsent is not None:
+            await self.rebuild_view()
+            self.panel.show(event.stats, self.engine.describe())
+            self.prompt.load_text(event.unsent)
+            self.set_status("stopped before the reply began: nothing was sent or saved")
+            return
         if event.error:
             self.notify(event.error, severity="error", timeout=8)
             self.set_status(f"error: {event.error}")
