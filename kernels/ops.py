@@ -1,0 +1,115 @@
+"""The functions the engine calls, dispatched to Triton kernels or to the PyTorch reference.
+
+Each function has the signature and result of its namesake in `reference.py`. The Triton kernel
+runs for CUDA tensors; `LOLACHAT_TRITON=1` forces it for any tensor (with TRITON_INTERPRET=1 that
+runs the kernels on the CPU, as the tests do) and `LOLACHAT_TRITON=0` forces the reference.
+Without an importable Triton the reference always runs.
+
+Fused steps (one launch for attention; score + sort + fold for eviction):
+- `lola_attention`  — one LoLA attention step for a block of queries of one chunk (decode: T = 1).
+- `evict_compete`   — the competing branch of eviction: score, keep top-λ, fold the rest into H, s.
+Building blocks with the reference's signatures: `hedgehog`, `self_recall_error`, `select_keep`,
+`fold`; and, PyTorch in both paths, `gather_tokens`, `sparse_logits`, `lola_combine`, `apply_rope`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference as ref
+from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  # noqa: F401
+
+try:
+    from . import triton_attention, triton_eviction
+except ImportError:  # no Triton on this platform: the reference serves everything
+    triton_attention = triton_eviction = None
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve tensors like `x` (see the module docstring)."""
+    if triton_attention is None:
+        return False
+    forced = os.environ.get("LOLACHAT_TRITON")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return x.is_cuda
+
+
+def hedgehog(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        return triton_eviction.hedgehog(x, weight)
+    return ref.hedgehog(x, weight)
+
+
+def self_recall_error(phi_k: torch.Tensor, values: torch.Tensor, h_state: torch.Tensor, s_state: torch.Tensor):
+    if use_triton(values):
+        return triton_eviction.self_recall_error(phi_k, values, h_state, s_state)
+    return ref.self_recall_error(phi_k, values, h_state, s_state)
+
+
+def fold(phi_k: torch.Tensor, values: torch.Tensor, h_state: torch.Tensor, s_state: torch.Tensor) -> None:
+    if use_triton(values):
+        return triton_eviction.fold(phi_k, values, h_state, s_state)
+    return ref.fold(phi_k, values, h_state, s_state)
+
+
+def select_keep(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same keep as the reference; the Triton version lists drop in candidate order (see there)."""
+    if use_triton(scores):
+        return triton_eviction.select_keep(scores, capacity)
+    return ref.select_keep(scores, capacity)
+
+
+def lola_attention(
+    q_pre: torch.Tensor,
+    q_pos,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    window_start,
+    sparse_k: torch.Tensor,
+    sparse_v: torch.Tensor,
+    sparse_pos: torch.Tensor,
+    h_state: torch.Tensor,
+    s_state: torch.Tensor,
+    gamma: torch.Tensor,
+    phi_weight: torch.Tensor,
+    inv_freq: torch.Tensor,
+    scale: float,
+    mix: str,
+    max_distance: int | None,
+    phi_input: str,
+    sparse_len=None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See `reference.lola_attention`. For CUDA graphs pass q_pos, window_start and sparse_len as
+    device tensors (then nothing is read on the host) and a preallocated `out`."""
+    args = (q_pre, q_pos, window_k, window_v, window_start, sparse_k, sparse_v, sparse_pos, h_state, s_state,
+            gamma, phi_weight, inv_freq, scale, mix, max_distance, phi_input)
+    if use_triton(q_pre):
+        return triton_attention.lola_attention(*args, sparse_len=sparse_len, out=out)
+    return ref.lola_attention(*args, sparse_len=sparse_len, out=out)
+
+
+def evict_compete(
+    cand_k: torch.Tensor,
+    cand_v: torch.Tensor,
+    cand_pos: torch.Tensor,
+    h_state: torch.Tensor,
+    s_state: torch.Tensor,
+    phi_weight: torch.Tensor,
+    capacity: int,
+    inv_freq: torch.Tensor,
+    phi_input: str,
+) -> torch.Tensor:
+    """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold)."""
+    if not use_triton(cand_v):
+        return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
+                                 phi_input)
+    post_rope = phi_input == "post_rope"
+    scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
+                                           post_rope)
+    keep, drop = triton_eviction.select_keep(scores, capacity)
+    triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq, post_rope)
+    return keep

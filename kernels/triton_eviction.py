@@ -1,0 +1,298 @@
+"""Triton kernels of eviction (DESIGN §4.4) and the standalone Hedgehog feature map.
+
+- `hedgehog`: φ(x) for a block of rows (reference: `reference.hedgehog`).
+- `self_recall_error`: ‖v − φ(k)ᵀH / (φ(k)ᵀs + ε)‖ per pair from given φ(k), or `recall_scores`
+  computing φ(k) in the same pass from pre-RoPE keys (reference: `reference.self_recall_error`).
+- `select_keep`: the top-λ split of the scores per (batch, head), ranks by pairwise comparison.
+- `fold`: H += Σ φ(k)vᵀ, s += Σ φ(k) in place, from given φ(k) or, in `fold_keys`, from the keys
+  picked by an index list (the dropped ones), φ computed on the fly (reference: `reference.fold`).
+Each fold program owns one (batch, head) and a slice of D columns of H, so the sums need no atomics
+and are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    RECALL_EPS,
+    act_code,
+    block,
+    cos_sin,
+    dot_f32,
+    hedgehog_features,
+    linear_readout,
+    load_halves,
+    load_rows,
+    rotate,
+    trig_mode,
+)
+
+
+@triton.jit
+def _key_features(k_ptr, pos_ptr, w_ptr, invf_ptr, rows, row_valid, d, f_half, ACT: tl.constexpr,
+                  POST_ROPE: tl.constexpr, TRIG: tl.constexpr, BLOCK_DH: tl.constexpr,
+                  BLOCK_FH: tl.constexpr):
+    """φ of one head's pre-RoPE key rows [n, D] (rotated at their positions first if POST_ROPE)."""
+    d_half = d // 2
+    k1, k2 = load_halves(k_ptr, rows, d, row_valid, d_half, d_half, BLOCK_DH)
+    if POST_ROPE:
+        dh = tl.arange(0, BLOCK_DH)
+        inv_freq = tl.load(invf_ptr + dh, mask=dh < d_half, other=0.0)
+        pos = tl.load(pos_ptr + rows, mask=row_valid, other=0)
+        c, s = cos_sin(pos, inv_freq, TRIG)
+        k1, k2 = rotate(k1, k2, c, s, ACT)
+        k1, k2 = k1.to(tl.float32), k2.to(tl.float32)
+    return hedgehog_features(k1, k2, w_ptr, d_half, f_half, BLOCK_DH, BLOCK_FH)
+
+
+@triton.jit
+def _given_features(phi_ptr, rows, row_valid, f_half, BLOCK_FH: tl.constexpr):
+    """Stored φ rows [n, F] (float32) of one head, as their two halves."""
+    phi_a = load_rows(phi_ptr, rows, 2 * f_half, row_valid, f_half, BLOCK_FH)
+    phi_b = load_rows(phi_ptr + f_half, rows, 2 * f_half, row_valid, f_half, BLOCK_FH)
+    return phi_a, phi_b
+
+
+@triton.jit
+def _hedgehog_kernel(x_ptr, w_ptr, out_ptr, sx_b, sx_h, sx_t, n_rows, n_heads, d: tl.constexpr,
+                     f_half: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_FH: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_valid = t < n_rows
+    x1, x2 = load_halves(x_ptr + b * sx_b + h * sx_h, t, sx_t, t_valid, d // 2, d // 2, BLOCK_DH)
+    phi_a, phi_b = hedgehog_features(x1, x2, w_ptr + h * d * f_half, d // 2, f_half, BLOCK_DH, BLOCK_FH)
+    f = tl.arange(0, BLOCK_FH)
+    mask = t_valid[:, None] & (f < f_half)[None, :]
+    out = out_ptr + (pid_bh.to(tl.int64) * n_rows + t[:, None]) * (2 * f_half) + f[None, :]
+    tl.store(out, phi_a, mask=mask)
+    tl.store(out + f_half, phi_b, mask=mask)
+
+
+@triton.jit
+def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr, out_ptr,
+                   n_rows, n_heads, d: tl.constexpr, f_half: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, ACT: tl.constexpr,
+                   POST_ROPE: tl.constexpr, TRIG: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    h = pid_bh % n_heads
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < n_rows
+    head_rows = pid_bh * n_rows
+    if FROM_KEYS:
+        phi_a, phi_b = _key_features(k_ptr + head_rows * d, pos_ptr + head_rows, w_ptr + h * d * f_half,
+                                     invf_ptr, n, n_valid, d, f_half, ACT, POST_ROPE, TRIG,
+                                     BLOCK_DH, BLOCK_FH)
+    else:
+        phi_a, phi_b = _given_features(phi_ptr + head_rows * 2 * f_half, n, n_valid, f_half, BLOCK_FH)
+    state = pid_bh * 2 * f_half
+    num, den = linear_readout(phi_a, phi_b, h_ptr + state * d, s_ptr + state, f_half, d, BLOCK_FH, BLOCK_D)
+    v = load_rows(v_ptr + head_rows * d, n, d, n_valid, d, BLOCK_D)
+    err = v - num / (den + RECALL_EPS)[:, None]
+    tl.store(out_ptr + head_rows + n, tl.sqrt(tl.sum(err * err, axis=1)), mask=n_valid)
+
+
+@triton.jit
+def _fold_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, invf_ptr,
+                 n_rows, n_picked, n_heads, d: tl.constexpr, f_half: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, ACT: tl.constexpr,
+                 POST_ROPE: tl.constexpr, TRIG: tl.constexpr):
+    """Fold rows into H[:, D-slice] and (D-slice 0 only) s. With FROM_KEYS the rows are idx[...]."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    h = pid_bh % n_heads
+    head_rows = pid_bh * n_rows
+    cols = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    col_valid = cols < d
+    acc_a = tl.zeros([BLOCK_FH, BLOCK_DV], tl.float32)
+    acc_b = tl.zeros([BLOCK_FH, BLOCK_DV], tl.float32)
+    sum_a = tl.zeros([BLOCK_FH], tl.float32)
+    sum_b = tl.zeros([BLOCK_FH], tl.float32)
+    for i0 in range(0, n_picked, BLOCK_N):
+        i = i0 + tl.arange(0, BLOCK_N)
+        i_valid = i < n_picked
+        if FROM_KEYS:
+            rows = tl.load(idx_ptr + pid_bh * n_picked + i, mask=i_valid, other=0)
+            phi_a, phi_b = _key_features(k_ptr + head_rows * d, pos_ptr + head_rows,
+                                         w_ptr + h * d * f_half, invf_ptr, rows, i_valid, d, f_half,
+                                         ACT, POST_ROPE, TRIG, BLOCK_DH, BLOCK_FH)
+        else:
+            rows = i
+            phi_a, phi_b = _given_features(phi_ptr + head_rows * 2 * f_half, rows, i_valid, f_half,
+                                           BLOCK_FH)
+        phi_a = tl.where(i_valid[:, None], phi_a, 0.0)
+        phi_b = tl.where(i_valid[:, None], phi_b, 0.0)
+        v_mask = i_valid[:, None] & col_valid[None, :]
+        v = tl.load(v_ptr + (head_rows + rows[:, None]) * d + cols[None, :], mask=v_mask, other=0.0)
+        v = v.to(tl.float32)
+        acc_a += dot_f32(tl.trans(phi_a), v)
+        acc_b += dot_f32(tl.trans(phi_b), v)
+        sum_a += tl.sum(phi_a, axis=0)
+        sum_b += tl.sum(phi_b, axis=0)
+    f = tl.arange(0, BLOCK_FH)
+    f_valid = f < f_half
+    state = pid_bh * 2 * f_half
+    h_tile = h_ptr + (state + f[:, None]) * d + cols[None, :]
+    mask = f_valid[:, None] & col_valid[None, :]
+    tl.store(h_tile, tl.load(h_tile, mask=mask) + acc_a, mask=mask)
+    h_tile += f_half * d
+    tl.store(h_tile, tl.load(h_tile, mask=mask) + acc_b, mask=mask)
+    if pid_d == 0:
+        s_row = s_ptr + state + f
+        tl.store(s_row, tl.load(s_row, mask=f_valid) + sum_a, mask=f_valid)
+        s_row += f_half
+        tl.store(s_row, tl.load(s_row, mask=f_valid) + sum_b, mask=f_valid)
+
+
+@triton.jit
+def _select_kernel(scores_ptr, keep_ptr, drop_ptr, n, capacity, NP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Top-`capacity` of one (batch, head)'s n scores: rank_i = #{j : s_j > s_i, or s_j = s_i and j < i}
+    (a stable descending sort's position); keep rank < capacity. Both lists in candidate order."""
+    pid = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, NP)
+    valid = idx < n
+    row = scores_ptr + pid * n
+    s_all = tl.load(row + idx, mask=valid, other=float("-inf"))
+    rank = tl.zeros([NP], tl.int32)
+    for c0 in tl.static_range(0, NP, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        s_c = tl.load(row + c, mask=c < n, other=float("-inf"))
+        ahead = (s_c[None, :] > s_all[:, None]) | ((s_c[None, :] == s_all[:, None]) & (c[None, :] < idx[:, None]))
+        rank += tl.sum((ahead & (c < n)[None, :]).to(tl.int32), axis=1)
+    keep = valid & (rank < capacity)
+    drop = valid & (rank >= capacity)
+    keep_at = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    drop_at = tl.cumsum(drop.to(tl.int32), axis=0) - 1
+    tl.store(keep_ptr + pid * capacity + keep_at, idx.to(tl.int64), mask=keep)
+    tl.store(drop_ptr + pid * (n - capacity) + drop_at, idx.to(tl.int64), mask=drop)
+
+
+def _check_state(h_state: torch.Tensor, s_state: torch.Tensor) -> None:
+    if h_state.dtype != torch.float32 or s_state.dtype != torch.float32:
+        raise TypeError("the linear state (H, s) must be float32")
+    if not (h_state.is_contiguous() and s_state.is_contiguous()):
+        raise ValueError("h_state and s_state must be contiguous")
+
+
+def _inv_freq_arg(inv_freq, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(1, dtype=torch.float32) if inv_freq is None else inv_freq.float().contiguous()
+
+
+def hedgehog(x: torch.Tensor, weight: torch.Tensor, block_t: int = 32, out=None) -> torch.Tensor:
+    """Triton version of `reference.hedgehog`: x [B,H,T,D], weight [H,D,F/2] -> [B,H,T,F] float32.
+
+    `out`, when given, is a contiguous float32 [B,H,T,F] tensor to write into."""
+    b, n_heads, t, d = x.shape
+    f_half = weight.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(b, n_heads, t, 2 * f_half, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(t, block_t), b * n_heads)
+    _hedgehog_kernel[grid](x, weight.contiguous(), out, x.stride(0), x.stride(1), x.stride(2), t, n_heads,
+                           d, f_half, BLOCK_T=block_t, BLOCK_DH=block(d // 2), BLOCK_FH=block(f_half))
+    return out
+
+
+def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out=None, block_n=32,
+            num_warps=8):
+    _check_state(h_state, s_state)
+    b, n_heads, n, d = values.shape
+    f_half = h_state.shape[2] // 2
+    values = values.contiguous()
+    from_keys = phi_k is None
+    dummy = values
+    if out is None:
+        out = torch.empty(b, n_heads, n, dtype=torch.float32, device=values.device)
+    grid = (triton.cdiv(n, block_n), b * n_heads)
+    _recall_kernel[grid](
+        dummy if from_keys else phi_k.float().contiguous(),
+        keys.contiguous() if from_keys else dummy,
+        positions.contiguous() if from_keys and post_rope else dummy,
+        values, h_state, s_state,
+        weight.contiguous() if from_keys else dummy,
+        _inv_freq_arg(inv_freq, values), out, n, n_heads, d, f_half,
+        BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_D=block(d), BLOCK_FH=block(f_half),
+        FROM_KEYS=from_keys, ACT=act_code(keys.dtype) if from_keys else 0, POST_ROPE=post_rope,
+        TRIG=trig_mode(None), num_warps=num_warps,
+    )
+    return out
+
+
+def self_recall_error(phi_k, values, h_state, s_state, out=None) -> torch.Tensor:
+    """Triton version of `reference.self_recall_error` (same arguments and result; `out` [B,H,N] fp32)."""
+    return _recall(phi_k, None, None, values, h_state, s_state, None, None, False, out)
+
+
+def recall_scores(keys, positions, values, h_state, s_state, weight, inv_freq=None, post_rope=False, out=None):
+    """Self-recall error of pre-RoPE keys [B,H,N,D] at positions [B,H,N], φ(k) computed in-kernel.
+
+    Equals reference.self_recall_error(reference.hedgehog(k', weight), values, H, s) with k' the keys
+    rotated at their positions when post_rope, else the keys themselves.
+    """
+    return _recall(None, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out)
+
+
+def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope,
+          block_n=32, block_dv=64, num_warps=8):
+    _check_state(h_state, s_state)
+    b, n_heads, n, d = values.shape
+    f_half = h_state.shape[2] // 2
+    values = values.contiguous()
+    from_keys = phi_k is None
+    picked = index.shape[-1] if from_keys else n
+    if picked == 0:
+        return
+    dummy = values
+    block_dv = min(block_dv, block(d))
+    grid = (b * n_heads, triton.cdiv(d, block_dv))
+    _fold_kernel[grid](
+        dummy if from_keys else phi_k.float().contiguous(),
+        keys.contiguous() if from_keys else dummy,
+        positions.contiguous() if from_keys and post_rope else dummy,
+        values,
+        index.contiguous() if from_keys else dummy,
+        h_state, s_state,
+        weight.contiguous() if from_keys else dummy,
+        _inv_freq_arg(inv_freq, values), n, picked, n_heads, d, f_half,
+        BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_DV=block_dv, BLOCK_FH=block(f_half),
+        FROM_KEYS=from_keys, ACT=act_code(keys.dtype) if from_keys else 0, POST_ROPE=post_rope,
+        TRIG=trig_mode(None), num_warps=num_warps,
+    )
+
+
+def select_keep(scores: torch.Tensor, capacity: int, block_c: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `reference.select_keep`: the same keep [B,H,capacity] (top scores, ties to the
+    earlier candidate, in candidate order); drop [B,H,N-capacity] lists the rest in candidate order
+    (the reference lists them by descending score; folding does not care)."""
+    b, n_heads, n = scores.shape
+    if not 0 <= capacity <= n:
+        raise ValueError(f"capacity {capacity} outside 0..{n}")
+    scores = scores.float().contiguous()
+    keep = torch.empty(b, n_heads, capacity, dtype=torch.long, device=scores.device)
+    drop = torch.empty(b, n_heads, n - capacity, dtype=torch.long, device=scores.device)
+    if n:
+        np_ = block(n)
+        _select_kernel[(b * n_heads,)](scores, keep, drop, n, capacity, NP=np_, BLOCK_C=min(block_c, np_),
+                                       num_warps=8)
+    return keep, drop
+
+
+def fold(phi_k, values, h_state, s_state) -> None:
+    """Triton version of `reference.fold`: H += Σ φ(k)vᵀ, s += Σ φ(k), in place."""
+    _fold(phi_k, None, None, values, None, h_state, s_state, None, None, False)
+
+
+def fold_keys(keys, positions, values, index, h_state, s_state, weight, inv_freq=None, post_rope=False,
+              block_n: int = 32):
+    """Fold the pairs index [B,H,M] picks out of keys/values [B,H,N,D] into H, s; φ computed in-kernel."""
+    _fold(None, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope, block_n=block_n)

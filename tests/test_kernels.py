@@ -1,0 +1,267 @@
+"""Triton kernels against the PyTorch reference (kernels/reference.py), under TRITON_INTERPRET=1.
+
+Fresh random inputs per case (a seed per case), outputs poisoned with NaN before each run, unused
+buffer slots (window past the last query, sparse slots past sparse_len) poisoned too so a kernel
+that reads them fails. Error is ‖out − ref‖ / ‖ref‖: float32 within 1e-4, bf16/fp16 within 1e-2
+(the bounds of the device METHOD.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lolachat.kernels import ops, triton_attention, triton_common, triton_eviction
+from lolachat.kernels import reference as ref
+
+# Triton picks interpreter or compiler when a kernel is defined: if another test module imported the
+# kernels before TRITON_INTERPRET was set, define them again (in place, so ops sees the new ones).
+for _module in (triton_common, triton_attention, triton_eviction):
+    importlib.reload(_module)
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert not torch.isnan(got).any(), "output has NaN (an element was not written)"
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def inv_freq(d: int) -> torch.Tensor:
+    return (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).to(DEVICE)
+
+
+class Draw:
+    """Random tensors from one seeded generator (on the CPU, then moved)."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def normal(self, *shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=self.g) * scale).to(dtype).to(DEVICE)
+
+    def uniform(self, *shape):
+        return torch.rand(*shape, generator=self.g).to(DEVICE)
+
+    def positions(self, low, high, shape):
+        return torch.randint(low, high, shape, generator=self.g).to(DEVICE)
+
+
+def state(draw: Draw, b, h, f, d):
+    """A linear state as it looks after folding: H = Σ φvᵀ, s = Σ φ (positive s)."""
+    phi = draw.uniform(b, h, 3 * f, f).softmax(-1)
+    v = draw.normal(b, h, 3 * f, d)
+    return torch.einsum("bhnf,bhnd->bhfd", phi, v).contiguous(), phi.sum(2).contiguous()
+
+
+# ---------------------------------------------------------------- attention step
+
+
+SHAPES = {  # B, H, Hkv, D, F, C
+    "small": (1, 4, 2, 16, 32, 8),
+    "odd": (2, 3, 1, 24, 24, 6),  # D/2 = F/2 = 12: every tile padded; GQA group 3
+    "real_d": (1, 2, 2, 64, 128, 16),
+}
+
+
+def attention_case(seed, shape, t, has_prev, n_sparse, sparse_used, dtype, cap, big_pos=False):
+    b, h, hkv, d, f, c = SHAPES[shape]
+    draw = Draw(seed)
+    window_start = 40 + (120_000 if big_pos else 0)
+    current = c if t == c else t + 2  # tokens of the current chunk, the queries being the last t
+    window_len = (c if has_prev else 0) + current
+    w = 2 * c
+    window_k = torch.full((b, hkv, w, d), float("nan"), dtype=dtype, device=DEVICE)
+    window_v = window_k.clone()
+    window_k[:, :, :window_len] = draw.normal(b, hkv, window_len, d, dtype=dtype)
+    window_v[:, :, :window_len] = draw.normal(b, hkv, window_len, d, dtype=dtype)
+    q_pos0 = window_start + window_len - t
+    sparse_k = draw.normal(b, h, n_sparse, d, dtype=dtype)
+    sparse_v = draw.normal(b, h, n_sparse, d, dtype=dtype)
+    sparse_pos = draw.positions(0, window_start, (b, h, n_sparse))
+    sparse_k[:, :, sparse_used:] = float("nan")
+    sparse_v[:, :, sparse_used:] = float("nan")
+    h_state, s_state = state(draw, b, h, f, d)
+    return {
+        "q_pre": draw.normal(b, h, t, d, dtype=dtype), "q_pos": q_pos0, "window_k": window_k,
+        "window_v": window_v, "window_start": window_start, "sparse_k": sparse_k, "sparse_v": sparse_v,
+        "sparse_pos": sparse_pos, "h_state": h_state, "s_state": s_state, "gamma": draw.uniform(h),
+        "phi_weight": draw.normal(h, d, f // 2), "inv_freq": inv_freq(d), "scale": d**-0.5,
+        "max_distance": cap, "sparse_len": sparse_used,
+    }
+
+
+def run_attention(case, mix, phi_input, as_tensors=False, trig=None):
+    want = ref.lola_attention(**case, mix=mix, phi_input=phi_input)
+    if as_tensors:  # the CUDA-graph form: positions and counts as device tensors
+        case = dict(case)
+        t = case["q_pre"].shape[2]
+        case["q_pos"] = torch.arange(case["q_pos"], case["q_pos"] + t, device=DEVICE)
+        case["window_start"] = torch.tensor([case["window_start"]], device=DEVICE)
+        case["sparse_len"] = torch.tensor([case["sparse_len"]], device=DEVICE)
+    errors = []
+    for split in (True, False):  # the split kernel (default) and the single-program one
+        out = torch.full_like(want, float("nan"))
+        got = triton_attention.lola_attention(**case, mix=mix, phi_input=phi_input, out=out, trig=trig,
+                                              split=split)
+        assert got is out
+        errors.append(rel_err(got, want))
+    return max(errors)
+
+
+ATTENTION_CASES = [
+    # shape,  T, has_prev, sparse N, used, dtype, cap
+    ("small", 1, True, 0, 0, torch.float32, None),  # λ = 0: window + linear state (decode)
+    ("small", 1, False, 0, 0, torch.float32, None),  # first chunk, nothing evicted yet
+    ("small", 5, True, 12, 7, torch.float32, None),  # cache not yet full (poisoned tail)
+    ("small", 8, True, 16, 16, torch.float32, 20),  # cache full, whole chunk, capped distance
+    ("small", 1, True, 16, 16, torch.float32, 3),  # cap below every distance: all far keys
+    ("odd", 3, True, 13, 13, torch.float32, 11),  # padded tiles, GQA group 3, B = 2
+    ("odd", 6, False, 5, 2, torch.float32, None),
+    ("real_d", 16, True, 70, 70, torch.float32, 30),  # non-multiple of the 64-key block
+    ("real_d", 1, True, 64, 64, torch.float32, None),
+    ("small", 5, True, 16, 9, torch.bfloat16, 20),
+    ("real_d", 1, True, 40, 40, torch.bfloat16, None),
+    ("odd", 6, True, 10, 10, torch.float16, 11),
+]
+
+
+@pytest.mark.parametrize("mix", ["lola", "lolcats"])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_matches_reference(case, mix):
+    shape, t, has_prev, n, used, dtype, cap = case
+    index = ATTENTION_CASES.index(case)
+    seed = 2 * index + (mix == "lola")
+    phi_input = "post_rope" if (index + (mix == "lola")) % 2 else "pre_rope"  # both, across the mixes
+    err = run_attention(attention_case(seed, shape, t, has_prev, n, used, dtype, cap), mix, phi_input)
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(("phi_input", "trig"), [("pre_rope", None), ("post_rope", "libdevice")])
+def test_attention_device_scalars_and_far_positions(phi_input, trig):
+    case = attention_case(7, "small", 3, True, 16, 11, torch.float32, 25, big_pos=True)
+    err = run_attention(case, "lola", phi_input, as_tensors=True, trig=trig)
+    assert err < TOL[torch.float32], f"relative error {err:.2e}"
+
+
+def test_attention_strided_queries():
+    """Queries as the engine makes them: a [B,T,H,D] projection viewed as [B,H,T,D]."""
+    case = attention_case(11, "small", 5, True, 16, 16, torch.float32, None)
+    case["q_pre"] = case["q_pre"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert rel_err(triton_attention.lola_attention(**case, mix="lola", phi_input="pre_rope"),
+                   ref.lola_attention(**case, mix="lola", phi_input="pre_rope")) < TOL[torch.float32]
+
+
+# ---------------------------------------------------------------- feature map and eviction
+
+
+@pytest.mark.parametrize("dims", [(2, 3, 7, 16, 32), (1, 2, 33, 24, 24), (1, 2, 5, 64, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hedgehog(dims, dtype):
+    b, h, t, d, f = dims
+    draw = Draw(sum(dims))
+    x, w = draw.normal(b, h, t, d, dtype=dtype), draw.normal(h, d, f // 2)
+    want = ref.hedgehog(x, w)
+    out = torch.full_like(want, float("nan"))
+    assert rel_err(triton_eviction.hedgehog(x, w, out=out), want) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dims", [(1, 2, 40, 16, 32), (2, 3, 37, 24, 24), (1, 2, 80, 64, 128)])
+def test_self_recall_error(dims):
+    b, h, n, d, f = dims
+    draw = Draw(n)
+    phi = draw.uniform(b, h, n, f).softmax(-1)
+    v = draw.normal(b, h, n, d)
+    h_state, s_state = state(draw, b, h, f, d)
+    want = ref.self_recall_error(phi, v, h_state, s_state)
+    out = torch.full_like(want, float("nan"))
+    assert rel_err(triton_eviction.self_recall_error(phi, v, h_state, s_state, out=out), want) < 1e-4
+
+
+@pytest.mark.parametrize("dims", [(1, 2, 40, 16, 32), (2, 3, 37, 24, 24), (1, 2, 80, 128, 128)])
+def test_fold(dims):
+    b, h, n, d, f = dims
+    draw = Draw(n + 1)
+    phi = draw.uniform(b, h, n, f).softmax(-1)
+    v = draw.normal(b, h, n, d, dtype=torch.bfloat16)
+    h_want, s_want = state(draw, b, h, f, d)
+    h_got, s_got = h_want.clone(), s_want.clone()
+    ref.fold(phi, v, h_want, s_want)
+    triton_eviction.fold(phi, v, h_got, s_got)
+    assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+
+
+@pytest.mark.parametrize(("n", "capacity", "levels"), [(37, 20, 5), (320, 256, 0), (40, 0, 3), (24, 24, 0)])
+def test_select_keep(n, capacity, levels):
+    """Same keep as the stable sort, ties (levels > 0: few distinct scores) to the earlier candidate."""
+    draw = Draw(n + capacity)
+    scores = draw.uniform(2, 3, n)
+    if levels:
+        scores = (scores * levels).floor()
+    keep_want, drop_want = ref.select_keep(scores, capacity)
+    keep, drop = triton_eviction.select_keep(scores, capacity)
+    assert torch.equal(keep, keep_want)
+    assert torch.equal(drop.sort(-1).values, drop_want.sort(-1).values)
+
+
+EVICT_CASES = [  # B, H, D, F, λ, C, dtype, phi_input
+    (1, 2, 16, 32, 24, 8, torch.float32, "pre_rope"),
+    (2, 3, 24, 24, 10, 6, torch.float32, "post_rope"),
+    (1, 2, 64, 128, 40, 16, torch.bfloat16, "post_rope"),
+    (1, 2, 64, 128, 0, 16, torch.float32, "pre_rope"),  # λ = 0 would fold the whole chunk
+]
+
+
+@pytest.mark.parametrize("case", EVICT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_evict_compete(case):
+    b, h, d, f, capacity, c, dtype, phi_input = case
+    draw = Draw(capacity + c + d)
+    n = capacity + c
+    keys, values = draw.normal(b, h, n, d, dtype=dtype), draw.normal(b, h, n, d, dtype=dtype)
+    positions = torch.cat([draw.positions(0, 500, (b, h, capacity)),
+                           torch.arange(500, 500 + c, device=DEVICE).expand(b, h, c)], dim=2)
+    weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
+    h_want, s_want = state(draw, b, h, f, d)
+    h_got, s_got = h_want.clone(), s_want.clone()
+
+    x = ref.rope_rotate(keys, positions, freqs) if phi_input == "post_rope" else keys
+    want_scores = ref.self_recall_error(ref.hedgehog(x, weight), values, h_want, s_want)
+    scores = torch.full_like(want_scores, float("nan"))
+    triton_eviction.recall_scores(keys, positions, values, h_got, s_got, weight, freqs,
+                                  phi_input == "post_rope", out=scores)
+    assert rel_err(scores, want_scores) < 1e-4
+
+    keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, phi_input)
+    os.environ["LOLACHAT_TRITON"] = "1"
+    try:
+        keep_got = ops.evict_compete(keys, values, positions, h_got, s_got, weight, capacity, freqs, phi_input)
+    finally:
+        del os.environ["LOLACHAT_TRITON"]
+    assert torch.equal(keep_got, keep_want)
+    assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def test_ops_dispatch(monkeypatch):
+    case = attention_case(3, "small", 2, True, 16, 16, torch.float32, 20)
+    want = ref.lola_attention(**case, mix="lola", phi_input="pre_rope")
+    monkeypatch.setenv("LOLACHAT_TRITON", "1")
+    assert ops.use_triton(case["q_pre"])
+    assert rel_err(ops.lola_attention(**case, mix="lola", phi_input="pre_rope"), want) < 1e-4
+    phi = ops.hedgehog(case["q_pre"], case["phi_weight"])
+    assert rel_err(phi, ref.hedgehog(case["q_pre"], case["phi_weight"])) < 1e-4
+    monkeypatch.setenv("LOLACHAT_TRITON", "0")
+    assert not ops.use_triton(case["q_pre"])
+    assert torch.equal(ops.lola_attention(**case, mix="lola", phi_input="pre_rope"), want)
