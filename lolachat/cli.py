@@ -43,13 +43,14 @@ def _register_optional(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = parser._subparsers._group_actions[0].choices
+    if "chat" in commands and (not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help"))):
+        argv = ["chat", *argv]  # the TUI is the default command: `lolachat [MODEL] [--session NAME]`
     args = parser.parse_args(argv)
     if args.command is None:
-        if "chat" in parser._subparsers._group_actions[0].choices:  # the TUI is the default command
-            args = parser.parse_args(["chat", *(argv or sys.argv[1:])])
-        else:
-            parser.print_help()
-            return 0
+        parser.print_help()
+        return 0
     try:
         return args.handler(args) or 0
     except LolachatError as err:

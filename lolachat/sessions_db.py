@@ -350,10 +350,12 @@ class SessionsDB:
             c.execute("DELETE FROM snapshots WHERE id=?", (snap.id,))
         snap.path.unlink(missing_ok=True)
 
-    def sweep(self, sid: int | None = None) -> int:
+    def sweep(self, sid: int | None = None, min_age: float = 0.0) -> int:
         """Remove temp files and snapshot files no record names; drop records whose file is gone.
+        Files younger than `min_age` seconds are left alone (another process may be writing them).
         Returns the number of files removed."""
         removed = 0
+        cutoff = time.time() - min_age
         with self._lock:
             rows = self._query("SELECT id, session_id, file FROM snapshots" +
                                ("" if sid is None else " WHERE session_id=?"), () if sid is None else (sid,))
@@ -373,7 +375,7 @@ class SessionsDB:
                     removed += 1
                     continue
                 for f in d.iterdir():
-                    if f not in named:
+                    if f not in named and (min_age <= 0 or _mtime(f) < cutoff):
                         f.unlink(missing_ok=True)
                         removed += 1
         return removed
@@ -415,6 +417,13 @@ def _snapshot(r: sqlite3.Row, root: Path) -> SnapshotRecord:
                           model=r["model"], weights_sha256=r["weights_sha256"], lola=json.loads(r["lola"]),
                           transcript_sha256=r["transcript_sha256"], tokens=r["tokens"], bytes=r["bytes"],
                           created=r["created"])
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _check_name(name: str) -> None:

@@ -206,7 +206,8 @@ def test_sweep_removes_stray_and_temporary_files(db, engine):
     (d / ".00004-deadbeef.safetensors.x1.tmp").write_bytes(b"half")
     (d / "00009-orphan.safetensors").write_bytes(b"orphan")
     (db.snapshots_root / "999").mkdir()
-    assert db.sweep() == 3
+    assert db.sweep(min_age=600) == 1  # fresh files may be another process's writes in flight
+    assert db.sweep() == 2
     assert [p.name for p in d.iterdir()] == [db.snapshots(conv.id)[0].path.name]
 
 

@@ -13,7 +13,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from tiny_chat_model import build, filler, load_engine
 
-from lolachat import store
+from lolachat import cli, store
 from lolachat.config import load_config
 from lolachat.conversation import Conversation
 from lolachat.sessions_db import SessionsDB
@@ -536,3 +536,13 @@ def test_resume_in_the_tui_after_restart(engine, tmp_path):
     reopened = Conversation.open(SessionsDB(tmp_path / "sessions"), engine, "chat 1")
     assert reopened.report.prefilled_tokens == 0
 
+
+
+def test_chat_command_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["no-such-model"]) == 1  # plain `lolachat ARGS` is the chat command
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert cli.main(["chat", str(tmp_path / "missing")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert cli.main(["--new"]) == 1  # under pytest stdin is no terminal
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a terminal" in err

@@ -31,10 +31,7 @@ def chat_command(args: argparse.Namespace) -> int:
 
     config = load_config()
     sampling = sampling_kwargs(args, config)
-    if not sys.stdin.isatty() or not sys.stdout.isatty():
-        raise BadInput("the chat TUI needs a terminal; use `lolachat run MODEL \"prompt\"` in scripts and pipes")
     db = SessionsDB()
-    db.sweep()
     session = None if args.new else args.session
     model = args.model
     if model is None and session:
@@ -47,6 +44,9 @@ def chat_command(args: argparse.Namespace) -> int:
                        "and not an existing path")
     if spec.kind == "path" and not spec.path.exists():
         raise BadInput(f"no such file or folder: {spec.path}")
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise BadInput("the chat TUI needs a terminal; use `lolachat run MODEL \"prompt\"` in scripts and pipes")
+    db.sweep(min_age=600)  # leftovers of crashed runs (not the files another running lolachat is writing)
 
     def loader(name: str | None, progress, notice):
         name = name or model
