@@ -399,34 +399,44 @@ def teacher_loss(model, tokens: torch.Tensor) -> float:
 
 
 class Batches:
-    """Random windows of the token stream; the last slice is kept apart for validation.
+    """Random windows of the token stream, which is cut into blocks: every 50th block is for validation.
 
-    The windows of step s depend only on (seed, stage, s), so a resumed run sees the same data.
+    Windows never cross a block boundary. The windows of step s depend only on (seed, stage, s), so a
+    resumed run sees the same data.
     """
 
-    def __init__(self, tokens: np.ndarray, device, seed: int, longest: int, eval_batches: int, eval_batch: int):
+    VALID_EVERY = 50
+
+    def __init__(self, tokens: np.ndarray, device, seed: int, longest: int):
         self.tokens = torch.from_numpy(tokens.astype(np.int64))
         self.device = device
         self.seed = seed
         need = longest + 1
-        n_valid = max(need * eval_batch * eval_batches, len(self.tokens) // 50)
-        if len(self.tokens) < n_valid + 2 * need:
+        self.block = max(1 << 16, 2 * need)
+        count = len(self.tokens) // self.block
+        if count < 2:  # a short text: two halves, one for training and one for validation
+            self.block = len(self.tokens) // 2
+            count = 2
+        if self.block < need:
             raise BadInput(f"training text too short: {len(self.tokens)} tokens for sequences of {longest} "
                            "(give more text or shorter --seq-len)")
-        self.train_end = len(self.tokens) - n_valid
+        blocks = list(range(count))
+        self.valid_blocks = [b for b in blocks if b % self.VALID_EVERY == self.VALID_EVERY - 1] or [count - 1]
+        self.train_blocks = [b for b in blocks if b not in self.valid_blocks]
 
-    def _windows(self, lo: int, hi: int, batch: int, length: int, g: torch.Generator) -> torch.Tensor:
-        starts = torch.randint(lo, hi - length, (batch,), generator=g)
-        rows = torch.stack([self.tokens[s : s + length] for s in starts.tolist()])
-        return rows.to(self.device)
+    def _windows(self, blocks: list[int], batch: int, length: int, g: torch.Generator) -> torch.Tensor:
+        which = torch.randint(0, len(blocks), (batch,), generator=g).tolist()
+        offsets = torch.randint(0, self.block - length + 1, (batch,), generator=g).tolist()
+        starts = [blocks[w] * self.block + o for w, o in zip(which, offsets)]
+        return torch.stack([self.tokens[s : s + length] for s in starts]).to(self.device)
 
     def train(self, stage: int, step: int, batch: int, length: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + stage * 7919 + step)
-        return self._windows(0, self.train_end, batch, length, g)
+        return self._windows(self.train_blocks, batch, length, g)
 
     def valid(self, index: int, batch: int, length: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 31 + 17 + index)
-        return self._windows(self.train_end, len(self.tokens), batch, length, g)
+        return self._windows(self.valid_blocks, batch, length, g)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -572,7 +582,7 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
         optim_state = saved["optim"]
         say(f"resuming from {ckpt.path} (stage 1 step {states[1].step}, stage 2 step {states[2].step})")
     longest = max(*cfg.seq_lens, cfg.stage2_seq_len)
-    batches = Batches(tokens, device, cfg.seed, longest, cfg.eval_batches, max(cfg.batch, cfg.stage2_batch))
+    batches = Batches(tokens, device, cfg.seed, longest)
     evals: dict = {}
 
     def valid_stage1() -> float:

@@ -162,36 +162,33 @@ def test_distillation_lowers_the_loss_and_writes_a_loadable_adapter(tiny_folder,
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_folder, text_file, tmp_path):
     model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
     tokens, meta = corpus_tokens(tiny_folder, text_file)
-    cfg = small_config(steps=12, stage2_steps=0, seq_lens=(32,))
+    cfg = small_config(steps=8, stage2_steps=2, seq_lens=(32,), checkpoint_every=3)
     straight = tmp_path / "a.lola.safetensors"
     distill(model, tokens, cfg, straight, base=base, data_meta=meta)
 
     resumed = tmp_path / "b.lola.safetensors"
 
-    def stop_at_7(stage, step, planned, loss):
-        if step == 7:
+    def stop_at_5(stage, step, planned, loss):
+        if step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill(model, tokens, cfg, resumed, base=base, data_meta=meta, on_step=stop_at_7)
+        distill(model, tokens, cfg, resumed, base=base, data_meta=meta, on_step=stop_at_5)
     checkpoint = Path(str(resumed) + ".ckpt")
     assert checkpoint.exists() and not resumed.exists()
+    # a checkpoint of another configuration is refused (--restart discards it)
+    with pytest.raises(lolachat.LolachatError, match="restart"):
+        distill(model, tokens, small_config(steps=8, stage2_steps=2, seq_lens=(32,), lr=1e-3), resumed,
+                base=base, data_meta=meta)
     messages = []
     distill(model, tokens, cfg, resumed, base=base, data_meta=meta, notice=messages.append)
-    assert messages and "step 5" in messages[0]
+    assert messages and "stage 1 step 3" in messages[0]
     from safetensors.torch import load_file
 
     a, b = load_file(straight), load_file(resumed)
+    assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
-
-    # a checkpoint of another configuration is refused, --restart discards it
-    distill_cfg = small_config(steps=12, stage2_steps=0, seq_lens=(32,), lr=1e-3)
-    with pytest.raises(KeyboardInterrupt):
-        distill(model, tokens, cfg, resumed, base=base, data_meta=meta, on_step=stop_at_7)
-    with pytest.raises(lolachat.LolachatError, match="restart"):
-        distill(model, tokens, distill_cfg, resumed, base=base, data_meta=meta)
-    distill(model, tokens, distill_cfg, resumed, base=base, data_meta=meta, restart=True)
 
 
 def test_time_cap_shortens_the_plan(tiny_folder, text_file, tmp_path):
@@ -249,3 +246,37 @@ def test_distill_command(tiny_folder, text_file, tmp_path, capsys):
     assert "bad sequence length" in capsys.readouterr().err
     assert main(["distill", str(tiny_folder), "--data", "nonsense-source"]) == 1
     assert "unknown training-text source" in capsys.readouterr().err
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tiny_folder, text_file, tmp_path):
+    """scripts/distill_gpu.py, the H200 recipe, on the CPU with a tiny model: the same code path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_gpu", Path(__file__).parent.parent / "scripts" /
+                                                  "distill_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    heldout = tmp_path / "held.txt"
+    heldout.write_text(text_file.read_text()[-20000:])
+    out = tmp_path / "out"
+    code = script.main([
+        "--model", str(tiny_folder), "--data", str(text_file), "--heldout", str(heldout), "--out", str(out),
+        "--device", "cpu", "--budget", "10", "--stage1-share", "0.15", "--stage2-share", "0.1",
+        "--window", "8", "--seq-len", "32,64", "--batch", "2", "--stage2-seq-len", "32", "--stage2-batch", "1",
+        "--sparse", "8", "--max-distance", "100", "--ppl-contexts", "64", "--ppl-windows", "2",
+        "--passkey-lengths", "300", "--passkey-depths", "0.5", "--passkey-samples", "1", "--eval-sparse", "0,8",
+    ])
+    assert code == 0
+    table = (out / "results.md").read_text()
+    assert table.count("\n") == 6 and "error" not in table  # header, rule, 4 settings
+    results = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in results["settings"]] == ["exact", "lola λ=0", "lola λ=8",
+                                                           "stage 1 only λ=8"]
+    assert all(len(r["passkey"]["samples"]) == 1 and "64" in r["ppl"] for r in results["settings"])
+    engine = lolachat.load(str(tiny_folder), device="cpu", adapter=str(out / "smollm2-135m.lola.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "smollm2-135m.lola.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lolachat"])
+    assert set(meta["eval"]["quick_gpu"]) == {"exact", "lola λ=0", "lola λ=8", "stage 1 only λ=8"}
+    assert engine.info.mode == "lola" and meta["recipe"]["stage2"]["steps"] >= 1

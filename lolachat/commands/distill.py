@@ -173,6 +173,7 @@ def distill_command(args: argparse.Namespace) -> int:
         from lolachat.tokenizer import load_tokenizer
 
         return prepare_data_command(args, load_tokenizer(store.resolve(args.model).weights))
+    parse_seq_lens(args.seq_len)  # bad options fail before the model loads
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model, tokenizer, base = load_base(args.model, device, dtype)
     cfg = config_from_args(args, model.args)

@@ -65,10 +65,12 @@ def run_one(engine, task: str, length: int, depth: float, rng: random.Random, ma
 
 def run_passkey(engine, *, lengths: Sequence[int], depths: Sequence[float], samples: int,
                 task: str = "niah_single_1", max_new_tokens: int = 32, seed: int = 0, chat: bool = True,
-                progress: Callable[[int, int], None] | None = None, deadline: float | None = None) -> dict:
+                progress: Callable[[int, int], None] | None = None, deadline: float | None = None,
+                min_rounds: int = 0) -> dict:
     """Run the grid; returns cells (mean score × 100 per length × depth), per-length scores and samples.
 
-    `deadline` (time.monotonic() seconds) stops the run early, with `truncated` set in the result.
+    `deadline` (time.monotonic() seconds) stops the run early, with `truncated` set in the result, but
+    not before `min_rounds` samples of every cell are done.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
@@ -78,7 +80,7 @@ def run_passkey(engine, *, lengths: Sequence[int], depths: Sequence[float], samp
     for index in range(samples):
         for length in lengths:
             for depth in depths:
-                if deadline is not None and time.monotonic() > deadline:
+                if deadline is not None and index >= min_rounds and time.monotonic() > deadline:
                     truncated = True
                     break
                 rng = sample_seed(seed, task, length, depth, index)

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Train the SmolLM2-135M-Instruct LoLA adapter on one GPU within a time budget, then evaluate it quickly.
+
+    PYTHONUNBUFFERED=1 python3 scripts/distill_gpu.py --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --data .cache/distill/smollm2-corpus.npz --heldout .cache/distill/smollm2-corpus.heldout.txt \
+        --out "$OUT" [--budget 470]
+
+The corpus comes from `lolachat distill MODEL --prepare-data .cache/distill/smollm2-corpus.npz` (run where
+the documentation files are; the GPU machine need not have them). The budget (seconds, wall clock from
+start to the last table) is split: stage 1 attention transfer 42%, stage 2 LoRA with LoLA in the loop 22%,
+the rest evaluation. Training stops by time, so the script ends on time whatever the GPU's speed.
+
+Writes into --out: smollm2-135m.lola.safetensors (the adapter, eval numbers in its metadata),
+smollm2-135m.stage1.lola.safetensors, results.json, results.md (the table), train.log. Runs on CPU too
+(`--device cpu` with a small model and budget: that is how the test suite exercises this same code path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bootstrap() -> None:
+    """Import lolachat from this checkout even when it is not installed (pyproject maps kernels/, models/)."""
+    sys.path.insert(0, str(ROOT))
+    for name, folder in (("lolachat.kernels", "kernels"), ("lolachat.models", "models")):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if "lolachat" not in sys.modules:
+                import lolachat  # noqa: F401
+            spec = importlib.util.spec_from_file_location(name, ROOT / folder / "__init__.py",
+                                                          submodule_search_locations=[str(ROOT / folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        print("note: the 'gguf' package is missing; .gguf models cannot be read (carry its wheel: "
+              "pip download --no-deps gguf -d .whl)", file=sys.stderr)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="the base model: a .gguf file or a Hugging Face folder")
+    p.add_argument("--data", required=True, help="prepared corpus .npz (or sources: pydoc,vim,info,doc)")
+    p.add_argument("--heldout", help="held-out text for perplexity (default: the corpus' .heldout.txt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", default="smollm2-135m", help="adapter file stem")
+    p.add_argument("--budget", type=float, default=470.0, help="seconds for everything, from start")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", help="base model dtype (default bfloat16 on CUDA, float32 on CPU)")
+    # student and training (defaults: the recipe of research/lola.md §6, pre-RoPE maps)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--phi-input", default="pre_rope", choices=["pre_rope", "post_rope"])
+    p.add_argument("--mix", default="lola", choices=["lola", "lolcats"], help="stage 1 mix")
+    p.add_argument("--seq-len", default="1024,2048", help="stage 1 sequence lengths, in order")
+    p.add_argument("--batch", type=int, default=8, help="stage 1 sequences per step at the first length")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--stage2-seq-len", type=int, default=1024)
+    p.add_argument("--stage2-batch", type=int, default=4)
+    p.add_argument("--stage2-lr", type=float, default=3e-4)
+    p.add_argument("--sparse", type=int, default=256, help="λ in the stage 2 loop")
+    p.add_argument("--max-distance", type=int, default=4096)
+    p.add_argument("--stage1-share", type=float, default=0.42)
+    p.add_argument("--stage2-share", type=float, default=0.22)
+    # evaluation
+    p.add_argument("--ppl-contexts", default="1024,4096")
+    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--passkey-lengths", default="1024,2048,4096")
+    p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
+    p.add_argument("--passkey-samples", type=int, default=3, help="per cell (cut evenly if time runs out)")
+    p.add_argument("--eval-sparse", default="0,256", help="λ values evaluated with the final adapter")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.monotonic() - self.start:6.1f}s] {message}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def main(argv=None) -> int:
+    started = time.monotonic()
+    args = parse_args(argv)
+    bootstrap()
+    import torch
+
+    from lolachat.commands.evaluate import parse_depths, parse_lengths
+    from lolachat.distill import DistillConfig, distill, stage1_path
+    from lolachat.distill_data import training_corpus
+    from lolachat.evals.engines import EngineFactory
+    from lolachat.evals.passkey import run_passkey
+    from lolachat.evals.ppl import perplexity
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = Log(out_dir / "train.log")
+    deadline = started + args.budget
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        log("error: CUDA is not available (pass --device cpu to run on the CPU)")
+        return 2
+    if args.device.startswith("cuda"):
+        log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+
+    # -- load once: weights, tokenizer, corpus ----------------------------------------------------
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    factory = EngineFactory(args.model, device=args.device, dtype=dtype)
+    log(f"loaded {args.model}: {factory.loaded.args.n_layers} layers, sha256 {factory.loaded.weights_sha256[:12]}")
+    corpus = training_corpus(args.data, factory.tokenizer)
+    log(f"corpus: {len(corpus):,} tokens from {', '.join(corpus.meta['sources'])}")
+    heldout = Path(args.heldout) if args.heldout else Path(args.data).with_suffix(".heldout.txt")
+
+    # -- train ----------------------------------------------------------------------------------------
+    seq_lens = tuple(parse_lengths(args.seq_len, "sequence length"))
+    left = deadline - time.monotonic()
+    cfg = DistillConfig(
+        phi_input=args.phi_input, chunk=args.window, mix=args.mix, seq_lens=seq_lens, steps=100_000,
+        batch=args.batch, lr=args.lr, seconds=args.stage1_share * args.budget, stage2_steps=100_000,
+        stage2_batch=args.stage2_batch, stage2_seq_len=args.stage2_seq_len, stage2_lr=args.stage2_lr,
+        stage2_seconds=args.stage2_share * args.budget, sparse=args.sparse, max_distance=args.max_distance,
+        seed=args.seed, checkpoint_every=0, eval_batches=2,
+    )
+    # the plans are time-bound; give the cosine schedule a horizon the time cap will shorten
+    cfg.steps = cfg.stage2_steps = 20_000
+    log(f"training: stage 1 {cfg.seconds:.0f} s, stage 2 {cfg.stage2_seconds:.0f} s of {left:.0f} s left")
+    model = factory.build(None).model  # the base model on the device, no adapter
+    base = {"name": "HuggingFaceTB/SmolLM2-135M-Instruct (" + Path(args.model).name + ")",
+            "source": f"local:{args.model}", "weights_sha256": factory.loaded.weights_sha256}
+    last_log = [0.0]
+
+    def on_step(stage: str, step: int, planned: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - last_log[0] > 15 or step == planned:
+            last_log[0] = now
+            log(f"{stage} step {step}/{planned} loss {loss:.4f}")
+
+    adapter_path = out_dir / f"{args.name}.lola.safetensors"
+    meta = distill(model, corpus.tokens, cfg, adapter_path, base=base, data_meta=corpus.meta, restart=True,
+                   on_step=on_step, notice=log)
+    del model
+    if torch.cuda.is_available():
+        log(f"peak GPU memory in training: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        torch.cuda.empty_cache()
+    log(f"wrote {adapter_path}: eval {json.dumps(meta['eval'])}")
+
+    # -- evaluate -----------------------------------------------------------------------------------
+    settings = [("exact", None, None)]
+    eval_sparse = [int(x) for x in args.eval_sparse.split(",") if x.strip()]
+    settings += [(f"lola λ={lam}", adapter_path, lam) for lam in eval_sparse]
+    settings += [(f"stage 1 only λ={max(eval_sparse)}", stage1_path(adapter_path), max(eval_sparse))]
+    results: dict = {"settings": [], "training": meta}
+    text = heldout.read_text(encoding="utf-8") if heldout.exists() else ""
+    ids = factory.tokenizer.encode(text, add_special_tokens=False) if text else []
+    contexts = parse_lengths(args.ppl_contexts, "context")
+    lengths = parse_lengths(args.passkey_lengths)
+    depths = parse_depths(args.passkey_depths)
+    for i, (label, adapter, lam) in enumerate(settings):
+        engine = None
+        try:
+            engine = factory.build(adapter, sparse=lam or 0, max_distance=args.max_distance)
+            row: dict = {"setting": label, "engine": engine.describe(), "ppl": {}, "passkey": None}
+            for context in contexts:
+                if len(ids) >= context:
+                    row["ppl"][str(context)] = perplexity(engine, ids, context, tail=512,
+                                                          samples=args.ppl_windows)["ppl"]
+            share = (deadline - time.monotonic()) / (len(settings) - i)
+            row["passkey"] = run_passkey(engine, lengths=lengths, depths=depths, samples=args.passkey_samples,
+                                         max_new_tokens=16, seed=args.seed,
+                                         deadline=time.monotonic() + max(0.0, share - 2), min_rounds=1)
+            for sample in row["passkey"]["samples"]:
+                sample.pop("memory", None)
+            log(f"{label}: ppl {row['ppl']} passkey {row['passkey']['score']} "
+                f"({len(row['passkey']['samples'])} samples)")
+        except Exception as err:  # one failing setting must not lose the others or the adapter
+            row = {"setting": label, "error": f"{type(err).__name__}: {err}"}
+            log(f"{label}: FAILED {row['error']}\n{traceback.format_exc()}")
+        results["settings"].append(row)
+        if engine is not None:
+            EngineFactory.release(engine)
+
+    table = results_table(results, contexts, lengths)
+    (out_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    record_eval_in_adapter(adapter_path, results, contexts, lengths)
+    log(f"done in {time.monotonic() - started:.0f} s (budget {args.budget:.0f} s)")
+    print(table, flush=True)
+    return 0
+
+
+def results_table(results: dict, contexts: list[int], lengths: list[int]) -> str:
+    head = ["setting"] + [f"ppl@{c}" for c in contexts] + [f"passkey@{n}" for n in lengths] + ["n", "kept@max"]
+    rows = []
+    for row in results["settings"]:
+        if "error" in row:
+            rows.append([row["setting"], "error: " + row["error"][:60]] + [""] * (len(head) - 2))
+            continue
+        pk = row["passkey"] or {"by_length": {}}
+        cells = [row["setting"]] + [_f(row["ppl"].get(str(c))) for c in contexts]
+        cells += [_f(pk["by_length"].get(str(n), {}).get("score")) for n in lengths]
+        longest = pk["by_length"].get(str(lengths[-1]), {})
+        cells += [str(len(pk.get("samples", []))), _f(longest.get("needle_kept"), 2)]
+        rows.append(cells)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _f(value, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def record_eval_in_adapter(path: Path, results: dict, contexts: list[int], lengths: list[int]) -> None:
+    """Copy the headline numbers into the adapter's metadata (DESIGN §4.5: eval numbers)."""
+    from lolachat.adapter import load_adapter, save_adapter
+    from lolachat.model_args import ModelArgs
+
+    meta = results["training"]
+    args = ModelArgs(vocab_size=1, dim=meta["n_heads"] * meta["head_dim"], n_layers=meta["n_layers"],
+                     n_heads=meta["n_heads"], n_kv_heads=1, hidden_dim=1, head_dim=meta["head_dim"])
+    adapter = load_adapter(path, args)
+    summary = {}
+    for row in results["settings"]:
+        if "error" in row:
+            continue
+        pk = row["passkey"] or {"by_length": {}}
+        summary[row["setting"]] = {
+            "ppl_heldout": row["ppl"],
+            "niah_single_1": {n: pk["by_length"].get(str(n), {}).get("score") for n in lengths},
+            "passkey_samples": len(pk.get("samples", [])),
+        }
+    adapter.metadata.setdefault("eval", {})["quick_gpu"] = summary
+    save_adapter(adapter, path)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
