@@ -102,7 +102,7 @@ class ChatScreen(Screen):
     ChatScreen #main { height: 1fr; }
     ChatScreen #chat { width: 1fr; }
     ChatScreen #conversation { height: 1fr; padding: 0 0 0 1; }
-    ChatScreen #status { height: 1; padding: 0 1; color: $text-muted; }
+    ChatScreen #status { height: auto; max-height: 3; padding: 0 1; color: $text-muted; }
     ChatScreen PromptInput { height: auto; min-height: 3; max-height: 10; border: round $accent 50%; }
     ChatScreen PromptInput:focus { border: round $accent; }
     ChatScreen .hint { color: $text-muted; padding: 1 2; }
@@ -137,7 +137,10 @@ class ChatScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#conversation", VerticalScroll).anchor()
-        self.query_one("#prompt", PromptInput).focus()
+        prompt = self.query_one("#prompt", PromptInput)
+        if self.mask:
+            prompt.cursor_blink = False  # a blinking cursor would make screenshots differ
+        prompt.focus()
         self.app.chat_ready()
 
 
