@@ -234,7 +234,7 @@ def test_resume_time_does_not_grow_with_the_transcript(db, engine):
         assert conv.report.source == "snapshot" and conv.report.prefilled_tokens == 0
     # The snapshot's tensors are bounded; only the transcript text inside it grows.
     assert sizes["long"] < sizes["short"] + 400_000
-    assert times["long"] <= 3 * times["short"] + 0.02, times
+    assert times["long"] <= 3 * times["short"] + 0.05, times
     # and it continues exactly like the unbroken run
     resumed = reopen("long")[1]
     torch.testing.assert_close(next_logits(resumed.session, "Summary?"),

@@ -78,7 +78,7 @@ def test_plain_lolachat_in_tmux(tmp_path):
     tmux = Tmux()
     try:
         tmux.start(str(LOLACHAT), env)
-        screen = tmux.wait_for(r"new conversation")  # the model is loaded and a session is open
+        screen = tmux.wait_for(r"new conversation", timeout=180)  # the model is loaded, a session open
         assert "lolachat" in screen and "chat 1" in screen
         tmux("send-keys", "-t", "main", "-l", "What is the capital of France?")
         tmux("send-keys", "-t", "main", "Enter")
