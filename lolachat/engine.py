@@ -86,6 +86,17 @@ class Engine:
         self.info = info
         self.stop_ids = set(stop_ids)
         self.device = next(model.parameters()).device
+        self._static = None  # lolachat.gpu.StaticDecoder, built on first use (CUDA + LoLA only)
+
+    def static_decoder(self):
+        """The static-memory decoder (lolachat.gpu) when the model runs LoLA on CUDA, else None.
+
+        LOLACHAT_STATIC=1/0 forces it on/off on any device; LOLACHAT_GRAPHS=0 keeps it eager on CUDA."""
+        from lolachat.gpu import StaticDecoder, static_wanted
+
+        if self._static is None and self.model.lola_config is not None and static_wanted(self.device):
+            self._static = StaticDecoder(self.model)
+        return self._static
 
     # -- the Python API ---------------------------------------------------------------------
     def session(self, system: str | None = None):
@@ -109,13 +120,17 @@ class Engine:
 
     # -- building blocks used by sessions -------------------------------------------------------
     def new_memory(self) -> ModelMemory:
-        return self.model.new_memory(batch=1)
+        decoder = self.static_decoder()
+        return decoder.new_memory() if decoder is not None else self.model.new_memory(batch=1)
 
     @torch.inference_mode()
     def prefill(self, memory: ModelMemory, ids: list[int], progress: ProgressFn | None = None) -> torch.Tensor:
         """Feed `ids` after what `memory` holds; returns the logits [vocab] after the last token."""
         if not ids:
             raise ValueError("prefill needs at least one token")
+        if hasattr(memory, "decoder"):
+            return memory.decoder.prefill(memory, ids, progress)
+        torch.set_flush_denormal(True)  # per thread: workers (TUI) call this off the loading thread
         tensor = torch.tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         logits = None
         # Blocks end on chunk boundaries (PREFILL_BLOCK is a multiple of C) so the work per block is even.
@@ -130,6 +145,10 @@ class Engine:
                  options: SamplingOptions) -> Iterator[int]:
         """Yield sampled token ids. Each is fed to `memory` before it is yielded (stop tokens too), so
         a consumer that stops early leaves the memory holding exactly the tokens it received."""
+        if hasattr(memory, "decoder"):
+            yield from memory.decoder.generate(memory, logits, max_new_tokens, options, self.stop_ids)
+            return
+        torch.set_flush_denormal(True)
         sampler = Sampler(options, device="cpu")
         for _ in range(max_new_tokens):
             token = sampler(logits.float().cpu())
