@@ -8,7 +8,7 @@ Sources (each is named in the adapter's metadata):
 - `man`: manual pages rendered by `man` (slow; not in the default set);
 - a file or folder of `.txt` / `.md` files given on the command line.
 
-Held-out documents: ~3% of the documents, chosen by a hash of their name, never enter training; they are
+Held-out documents: ~3% of the documents, chosen by a hash of their source kind and name, never enter training; they are
 written to a text file for evaluation (`lolachat eval ppl --file`). A prepared corpus is one `.npz` file
 (token ids + JSON metadata), so a GPU machine without these files can train on the same text.
 """
@@ -48,7 +48,8 @@ class Document:
 
     @property
     def heldout(self) -> bool:
-        digest = hashlib.sha1(f"{self.source}:{self.name}".encode()).digest()
+        kind = self.source.split(":", 1)[0]  # "file:/some/where" hashes as "file": location-independent
+        digest = hashlib.sha1(f"{kind}:{self.name}".encode()).digest()
         return int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT
 
 
@@ -236,7 +237,10 @@ def save_corpus(corpus: Corpus, path: str | Path) -> None:
         np.savez_compressed(f, tokens=corpus.tokens, meta=np.array(json.dumps(corpus.meta)))
 
 
-def load_corpus(path: str | Path, tokenizer=None) -> Corpus:
+def load_corpus(path: str | Path, tokenizer=None, strict: bool = True,
+                warn: Callable[[str], None] | None = None) -> Corpus:
+    """A prepared corpus; with a tokenizer, check it was made by the same one (`strict=False`: only warn,
+    for the same model read by another `transformers` version)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -247,16 +251,24 @@ def load_corpus(path: str | Path, tokenizer=None) -> Corpus:
     except (OSError, KeyError, ValueError) as err:
         raise BadInput(f"{path} is not a prepared corpus (.npz from `lolachat distill --prepare-data`): {err}") \
             from None
-    if tokenizer is not None and meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
-        raise BadInput(f"{path} was tokenized with another tokenizer; prepare it again for this model")
+    if tokenizer is not None:
+        if int(tokens.max(initial=0)) >= len(tokenizer):
+            raise BadInput(f"{path} holds token ids beyond this model's vocabulary; prepare it for this model")
+        if meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+            message = f"{path} was tokenized with another tokenizer; prepare it again for this model"
+            if strict:
+                raise BadInput(message)
+            if warn:
+                warn(f"warning: {message} (going on: the ids fit the vocabulary)")
     return Corpus(tokens, meta)
 
 
 def training_corpus(data: str | None, tokenizer, max_tokens: int | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Corpus:
+                    progress: Callable[[int, int], None] | None = None, strict: bool = True,
+                    warn: Callable[[str], None] | None = None) -> Corpus:
     """A prepared `.npz` corpus, or text collected now from sources / paths (comma-separated names)."""
     if data and data.endswith(".npz"):
-        return load_corpus(data, tokenizer)
+        return load_corpus(data, tokenizer, strict=strict, warn=warn)
     sources = [s.strip() for s in data.split(",")] if data else list(DEFAULT_SOURCES)
     corpus, _ = prepare(sources, tokenizer, max_tokens, progress)
     return corpus

@@ -262,7 +262,7 @@ def test_gpu_script_runs_end_to_end_on_cpu(tiny_folder, text_file, tmp_path):
     code = script.main([
         "--model", str(tiny_folder), "--data", str(text_file), "--heldout", str(heldout), "--out", str(out),
         "--device", "cpu", "--budget", "10", "--stage1-share", "0.15", "--stage2-share", "0.1",
-        "--window", "8", "--seq-len", "32,64", "--batch", "2", "--stage2-seq-len", "32", "--stage2-batch", "1",
+        "--window", "16", "--seq-len", "32,64", "--batch", "2", "--stage2-seq-len", "32", "--stage2-batch", "1",
         "--sparse", "8", "--max-distance", "100", "--ppl-contexts", "64", "--ppl-windows", "2",
         "--passkey-lengths", "300", "--passkey-depths", "0.5", "--passkey-samples", "1", "--eval-sparse", "0,8",
     ])

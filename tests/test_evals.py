@@ -154,7 +154,7 @@ def test_string_match_all_is_mean_times_100_rounded():
 
 def test_passkey_grid_on_tiny_model(tiny_folder):
     engine = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", feature_map="identity", sparse=16,
-                           window=8)
+                           window=16)
     result = run_passkey(engine, lengths=[300, 400], depths=[0.0, 1.0], samples=1, max_new_tokens=3, seed=1)
     assert len(result["samples"]) == 4 and len(result["cells"]) == 4
     for sample in result["samples"]:
@@ -181,7 +181,7 @@ def test_perplexity_matches_full_logits_and_exact_equals_large_cache(tiny_folder
     assert got["windows"] == 2 and got["per_window_ppl"][1] == pytest.approx(math.exp(nll), rel=1e-4)
     # LoLA with a sparse cache larger than the context is exact attention (DESIGN §4.4)
     big = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", feature_map="identity", sparse=512,
-                        window=8)
+                        window=16)
     assert perplexity(big, ids, 150, 40, 2)["ppl"] == pytest.approx(got["ppl"], rel=1e-4)
     with pytest.raises(lolachat.LolachatError, match="fewer than one context"):
         perplexity(exact, ids[:100], context=150)
@@ -194,7 +194,7 @@ def test_eval_commands(tiny_folder, tmp_path, capsys):
     out = tmp_path / "pk.json"
     code = main(["eval", "passkey", str(tiny_folder), "--feature-map", "identity", "--lengths", "300",
                  "--depths", "0,50%", "--samples", "1", "--max-new-tokens", "3", "--device", "cpu",
-                 "--window", "8", "--sparse", "16", "--out", str(out), "--plot", str(tmp_path / "map.png")])
+                 "--window", "16", "--sparse", "16", "--out", str(out), "--plot", str(tmp_path / "map.png")])
     assert code == 0
     printed = capsys.readouterr()
     assert "niah_single_1" in printed.out and "overall" in printed.out
