@@ -173,6 +173,9 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, memory: ModelMemory, all_logits: bool = False) -> torch.Tensor:
         """Feed tokens [B, T] after what `memory` has seen; returns logits [B, T or 1, vocab] (fp32)."""
+        own_forward = getattr(memory, "forward", None)  # a static GPU memory (lolachat.gpu) runs itself
+        if own_forward is not None:
+            return own_forward(tokens, all_logits)
         self.rope.inv_freq = self.rope.inv_freq.to(tokens.device)
         x = self.model.embed_tokens(tokens)
         pos0 = memory.position
