@@ -160,8 +160,7 @@ class StaticMemory(ModelMemory):
         self.generator = None if device.type == "cuda" else torch.Generator(device=device)
         self.block_tokens: torch.Tensor | None = None
         self.graphs: dict = {}
-        self.graph_errors: list[str] = []
-        self.pool = None
+        self.graph_errors: list = []
 
     def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """What `Llama.forward(tokens, memory)` does, for this memory (eagerly)."""
@@ -446,10 +445,8 @@ class StaticDecoder:
             torch.cuda.current_stream(self.device).wait_stream(side)
             for t, s in zip(mem.buffers(), saved):
                 t.copy_(s)
-            if mem.pool is None:
-                mem.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mem.pool):
+            with torch.cuda.graph(graph):  # its own memory pool: graphs replay in any order
                 body()
         except Exception as err:  # keep going eagerly, but say so
             torch.cuda.synchronize(self.device)

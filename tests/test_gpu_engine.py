@@ -218,6 +218,7 @@ def test_cuda_graphs_equal_eager_static_steps(sparse, small_blocks):
     runs = []
     for graphs in (False, True):
         dec = StaticDecoder(mine, graphs=graphs)
+        dec.block_body_eager = True
         mem = dec.new_memory()
         logits = dec.prefill(mem, ids)
         runs.append((logits.cpu(), list(dec.generate(mem, logits, 40, GREEDY)), dict(mem.graphs)))
