@@ -65,3 +65,21 @@ def test_greedy_run_answers_paris(real_gguf, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "exact attention" in result.stderr  # no adapter given: says which mode it runs
+
+
+def test_default_alias_runs_lola_with_the_shipped_adapter(real_gguf):
+    from lolachat import store
+
+    if store.find("smollm2-135m") is None:
+        pytest.skip("smollm2-135m is not pulled into LOLACHAT_HOME")
+    result = subprocess.run(
+        [sys.executable, "-m", "lolachat.cli", "run", "smollm2-135m", "What is the capital of France?",
+         "--temperature", "0", "--max-new-tokens", "32", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    out = json.loads(result.stdout)
+    assert out["engine"]["mode"] == "lola" and out["engine"]["sparse"] == 256
+    assert "Paris" in out["reply"]

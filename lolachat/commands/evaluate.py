@@ -50,7 +50,6 @@ def register(sub) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["lola", "exact"], default="lola",
                         help="lola (the adapter's bounded memory) or exact (softmax teacher, full KV cache)")
-    parser.add_argument("--adapter", help="LoLA adapter file to use instead of the model's own")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--out", metavar="JSON", help="also write the full result to this file")
     add_engine_options(parser)

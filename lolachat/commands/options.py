@@ -19,6 +19,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-map", choices=["trained", "identity"],
                    help="'identity': LoLA with untrained identity-initialised maps (experimental)")
     g.add_argument("--exact", action="store_true", help="exact attention with a full KV cache (memory grows)")
+    g.add_argument("--adapter", help="a LoLA adapter file (DESIGN §4.5) to use instead of the model's own")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
