@@ -172,7 +172,9 @@ def _pick_gguf(names: list[str], quant: str | None, repo: str) -> list[str]:
     return [chosen]
 
 
-def select_files(files: list[RemoteFile], repo: str, quant: str | None = None) -> tuple[list[RemoteFile], str, str | None]:
+def select_files(
+    files: list[RemoteFile], repo: str, quant: str | None = None
+) -> tuple[list[RemoteFile], str, str | None]:
     """Pick what the runtime needs: (files, format, adapter path-in-repo or None)."""
     top = _top_level(files)
     names = sorted(top)

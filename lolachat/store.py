@@ -16,6 +16,7 @@ Nothing here prints except the one-line ``notice`` (default: stderr) when a sour
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -253,10 +254,8 @@ def _intact(rec: dict) -> bool:
 def _size(blobs: list[str]) -> int:
     total = 0
     for b in set(blobs):
-        try:
+        with contextlib.suppress(OSError):
             total += _abs(b).stat().st_size
-        except OSError:
-            pass
     return total
 
 

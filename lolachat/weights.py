@@ -335,7 +335,8 @@ class GgufMetadata:
 
     def token_ids(self, token_types: Iterable[int]) -> dict[str, int]:
         """Tokens of the vocabulary whose type is one of `token_types`, text -> id."""
-        types_field, tokens_field = self.fields.get("tokenizer.ggml.token_type"), self.fields.get("tokenizer.ggml.tokens")
+        types_field = self.fields.get("tokenizer.ggml.token_type")
+        tokens_field = self.fields.get("tokenizer.ggml.tokens")
         if types_field is None or tokens_field is None:
             return {}
         types = np.array([types_field.parts[i][0] for i in types_field.data])
@@ -465,7 +466,9 @@ def dequantize(tensor, file: Path) -> torch.Tensor:
     try:
         values = gguf_dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as err:
-        raise BadModelFile(f"{file}: tensor {tensor.name} uses {tensor.tensor_type.name}, which lolachat cannot read") from err
+        raise BadModelFile(
+            f"{file}: tensor {tensor.name} uses {tensor.tensor_type.name}, which lolachat cannot read"
+        ) from err
     except ValueError as err:
         raise BadModelFile(f"{file}: tensor {tensor.name} is corrupt ({err})") from err
     if values.size != math.prod(shape):

@@ -309,7 +309,8 @@ def tiny_llama_weights(cfg: dict, seed: int = 0) -> dict:
         p = f"model.layers.{i}."
         t |= {p + "self_attn.q_proj.weight": w(d, d), p + "self_attn.k_proj.weight": w(kv, d),
               p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.o_proj.weight": w(d, d),
-              p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f),
+              p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
+              p + "mlp.down_proj.weight": w(d, f),
               p + "input_layernorm.weight": np.ones(d, "float32"),
               p + "post_attention_layernorm.weight": np.ones(d, "float32")}
     return t

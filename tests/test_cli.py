@@ -95,13 +95,6 @@ def test_bad_sampling_option(home):
 # -- with the real default model --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def real_gguf() -> Path:
-    path = os.environ.get("LOLACHAT_TEST_GGUF")
-    if not path:
-        pytest.skip("LOLACHAT_TEST_GGUF is not set (path to SmolLM2-135M-Instruct.Q4_1.gguf)")
-    return Path(path)
-
 
 PASSAGE = (
     "The lighthouse keeper wrote in her log every evening. She noted the wind, the colour of the sea, "

@@ -15,13 +15,6 @@ from lolachat.weights import load_weights
 pytestmark = pytest.mark.realmodel
 
 
-@pytest.fixture(scope="module")
-def real_gguf() -> Path:
-    path = os.environ.get("LOLACHAT_TEST_GGUF")
-    if not path:
-        pytest.skip("LOLACHAT_TEST_GGUF is not set (path to SmolLM2-135M-Instruct.Q4_1.gguf)")
-    return Path(path)
-
 
 def transformers_model(gguf: Path) -> transformers.LlamaForCausalLM:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_chat_model import build
 
 import lolachat
 from lolachat.errors import LolachatError
-from tiny_chat_model import build
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -233,13 +232,6 @@ def test_broken_config_json(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # The real default model (CI sets LOLACHAT_TEST_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf)
 
-
-@pytest.fixture(scope="module")
-def real_gguf() -> Path:
-    path = os.environ.get("LOLACHAT_TEST_GGUF")
-    if not path:
-        pytest.skip("LOLACHAT_TEST_GGUF is not set (path to SmolLM2-135M-Instruct.Q4_1.gguf)")
-    return Path(path)
 
 
 @pytest.fixture(scope="module")
