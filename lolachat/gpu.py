@@ -23,6 +23,7 @@ by the same rule.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -456,7 +457,8 @@ class StaticDecoder:
             mem.graphs[f"error:{name}"] = f"{type(err).__name__}: {err}"
             return None
         finally:
-            torch.cuda.set_rng_state(rng, self.device)
+            with contextlib.suppress(RuntimeError):  # the warm-up drew random numbers: seeded sampling
+                torch.cuda.set_rng_state(rng, self.device)  # gets its sequence back
         for t, s in zip(mem.buffers(), saved):  # capture does not run kernels, but be sure
             t.copy_(s)
         mem.graphs[name] = graph

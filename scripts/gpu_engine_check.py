@@ -181,7 +181,8 @@ def part_bench(args, out: Path, deadline: float) -> None:
         cfg = BenchConfig(model=args.gguf, label="SmolLM2-135M")
         lengths = [128, 320] if quick else [1024, 8192, 32768, 131072]
     else:
-        cfg = BenchConfig(shape="tiny" if quick else "llama-3.1-8b", label="Llama-3.1-8B shape")
+        label = "tiny shape (quick)" if quick else "Llama-3.1-8B shape"
+        cfg = BenchConfig(shape="tiny" if quick else "llama-3.1-8b", label=label)
         lengths = [128, 320] if quick else [1024, 8192, 32768, 131072]
         cfg.decode_tokens = 32
     cfg.device = args.device
