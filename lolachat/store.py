@@ -296,11 +296,11 @@ def _library_link(key: str, filename: str, blob: Path) -> Path:
 
 def _weights_format(path: Path) -> str:
     if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":  # by content: a store blob has no suffix
+                return "gguf"
         if path.suffix.lower() == ".gguf":
-            with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise BadModelFile(f"{path} is not a GGUF file (bad magic)")
-            return "gguf"
+            raise BadModelFile(f"{path} is not a GGUF file (bad magic)")
         raise BadModelFile(f"{path}: a model file must be a .gguf (or give a Hugging Face folder)")
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -327,7 +327,7 @@ def _local_adapter(path: Path) -> Path | None:
 
 def _local_model(spec: Spec) -> LocalModel:
     assert spec.path is not None
-    path = spec.path.resolve()
+    path = spec.path.absolute()  # not resolve(): a store link's target is a blob without its file name
     fmt = _weights_format(path)
     if fmt == "gguf" and path.is_dir() and not (path / "config.json").is_file():
         path = min(path.glob("*.gguf"))
