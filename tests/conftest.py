@@ -19,3 +19,16 @@ def real_gguf() -> Path:
     if not path:
         pytest.skip("LOLACHAT_TEST_GGUF is not set (path to SmolLM2-135M-Instruct.Q4_1.gguf)")
     return Path(path)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _float32_on_cpu():
+    """`dtype="auto"` on a CPU is chosen by a timing probe; tests must not depend on machine load."""
+    import torch
+
+    from lolachat import engine
+
+    original = engine.faster_cpu_dtype
+    engine.faster_cpu_dtype = lambda: torch.float32
+    yield
+    engine.faster_cpu_dtype = original
