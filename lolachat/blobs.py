@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -129,3 +130,18 @@ def store_content_addressed(chunks: Iterable[bytes], blobs_dir: Path, *, label: 
     part = blobs_dir / f"incoming-{os.getpid()}-{os.urandom(4).hex()}.part"
     digest = _stream_to(part, chunks, label=label, total=total, progress=progress)
     return finish(part, blobs_dir / f"sha256-{digest}", digest, None, label)
+
+
+def link_to_blob(link: Path, blob: Path) -> Path:
+    """Make `link` name `blob`: a relative symlink, else a hard link, else a copy (filesystems differ)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    try:
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    except OSError:
+        try:
+            os.link(blob, link)
+        except OSError:
+            shutil.copyfile(blob, link)
+    return link

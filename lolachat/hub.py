@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from lolachat.blobs import CHUNK, ProgressCallback, check_space, fsync_dir, git_blob_sha1
+from lolachat.blobs import CHUNK, ProgressCallback, check_space, fsync_dir, git_blob_sha1, link_to_blob
 from lolachat.errors import (
     AccessDenied,
     BadModelFile,
@@ -328,15 +328,7 @@ def download(repo: str, commit: str, f: RemoteFile, blob: Path, progress: Progre
 
 
 def _link(snapshot: Path, path_in_repo: str, blob: Path) -> Path:
-    link = snapshot / path_in_repo
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    try:
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    except OSError:
-        os.link(blob, link)
-    return link
+    return link_to_blob(snapshot / path_in_repo, blob)
 
 
 def _write_ref(folder: Path, revision: str, commit: str) -> None:

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from lolachat import catalog
-from lolachat.blobs import CHUNK, ProgressCallback, copy_file, file_digest, fsync_dir, store_content_addressed
+from lolachat.blobs import (
+    CHUNK,
+    ProgressCallback,
+    copy_file,
+    file_digest,
+    fsync_dir,
+    link_to_blob,
+    store_content_addressed,
+)
 from lolachat.errors import (
     AccessDenied,
     BadModelFile,
@@ -275,20 +283,7 @@ def _to_model(rec: dict) -> LocalModel:
 
 def _library_link(key: str, filename: str, blob: Path) -> Path:
     """``library/<key>/<filename>`` pointing at ``blob`` (symlink; hard link or copy where unsupported)."""
-    d = models_dir() / "library" / key
-    d.mkdir(parents=True, exist_ok=True)
-    link = d / filename
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    try:
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    except OSError:
-        try:
-            os.link(blob, link)
-        except OSError:
-            shutil.copyfile(blob, link)
-    return link
+    return link_to_blob(models_dir() / "library" / key / filename, blob)
 
 
 # ---------------------------------------------------------------------------------------- local paths
