@@ -8,6 +8,7 @@ Without an importable Triton the reference always runs.
 Fused steps (one launch for attention; score + sort + fold for eviction):
 - `lola_attention`  — one LoLA attention step for a block of queries of one chunk (decode: T = 1).
 - `evict_compete`   — the competing branch of eviction: score, keep top-λ, fold the rest into H, s.
+- `rms_norm`, `add_rms_norm` (residual add + norm), `silu_mul` — the steps between a layer's GEMVs.
 Building blocks with the reference's signatures: `hedgehog`, `self_recall_error`, `select_keep`,
 `fold`; and, PyTorch in both paths, `gather_tokens`, `sparse_logits`, `lola_combine`, `apply_rope`.
 """
@@ -22,9 +23,9 @@ from . import reference as ref
 from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  # noqa: F401
 
 try:
-    from . import triton_attention, triton_eviction
+    from . import triton_attention, triton_eviction, triton_norm
 except ImportError:  # no Triton on this platform: the reference serves everything
-    triton_attention = triton_eviction = None
+    triton_attention = triton_eviction = triton_norm = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -113,3 +114,23 @@ def evict_compete(
     keep, drop = triton_eviction.select_keep(scores, capacity)
     triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq, post_rope)
     return keep
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(x):
+        return triton_norm.rms_norm(x, weight, eps, out=out)
+    return ref.rms_norm(x, weight, eps, out=out)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x += delta in place; returns weight * rmsnorm(x). One launch on the Triton path."""
+    if use_triton(x):
+        return triton_norm.add_rms_norm(x, delta, weight, eps, out=out)
+    return ref.add_rms_norm(x, delta, weight, eps, out=out)
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(gate_up):
+        return triton_norm.silu_mul(gate_up, out=out)
+    return ref.silu_mul(gate_up, out=out)

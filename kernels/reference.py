@@ -249,3 +249,23 @@ def evict_compete(
     keep, drop = select_keep(scores, capacity)
     fold(gather_tokens(phi_k, drop), gather_tokens(cand_v, drop), h_state, s_state)
     return keep
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * rmsnorm(x), normalised in float32 and rounded to x's dtype first (as `model.RMSNorm`)."""
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return torch.mul(weight, normed, out=out)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x += delta in place (the residual add), then `rms_norm` of the sum."""
+    x.add_(delta)
+    return rms_norm(x, weight, eps, out=out)
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for the fused projection gate_up = [..., gate | up]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.mul(torch.nn.functional.silu(gate), up, out=out)

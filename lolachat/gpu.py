@@ -254,18 +254,28 @@ class StaticDecoder:
                                   self.phi_q[i], self.inv_freq, self.scale, cfg.mix, cfg.max_distance,
                                   cfg.phi_input, sparse_len=sparse_len, out=out)
 
-    def _finish_layer(self, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x + o(y), then the MLP with its residual; y [B,H,T,D]."""
-        block = self.blocks[i]
-        b, _, t, _ = y.shape
-        x = x + block.self_attn.o_proj(y.transpose(1, 2).reshape(b, t, -1))
-        gate, up = F.linear(block.post_attention_layernorm(x), self.w13[i]).chunk(2, dim=-1)
-        return x + block.mlp.down_proj(F.silu(gate) * up)
+    def _layers(self, x: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
+                                                        torch.Tensor]) -> torch.Tensor:
+        """Every layer over the residual stream x [B,T,dim] (updated in place); `attend(i, q, k, v)` gives
+        layer i's attention output [B,H,T,D]. Returns the final norm of x. Each residual add runs fused
+        with the norm after it: between the GEMVs a layer launches two norm kernels and one SiLU kernel."""
+        norms = [b.input_layernorm for b in self.blocks] + [self.model.model.norm]
+        h = ops.rms_norm(x, norms[0].weight, norms[0].eps)
+        for i, block in enumerate(self.blocks):
+            y = attend(i, *self._qkv(i, h))
+            b, _, t, _ = y.shape
+            post = block.post_attention_layernorm
+            h = ops.add_rms_norm(x, block.self_attn.o_proj(y.transpose(1, 2).reshape(b, t, -1)), post.weight,
+                                 post.eps)
+            down = block.mlp.down_proj(ops.silu_mul(F.linear(h, self.w13[i])))
+            h = ops.add_rms_norm(x, down, norms[i + 1].weight, norms[i + 1].eps)
+        return h
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32) from the final-normed hidden states."""
         m = self.model
         head = m.model.embed_tokens.weight if m.lm_head is None else m.lm_head.weight
-        return F.linear(m.model.norm(x), head).float()
+        return F.linear(h, head).float()
 
     def _put_expanded(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """dst [B,H,N,D] (or [B,H,N]) view <- src [B,Hkv,N,D] with each KV head repeated for its group."""
@@ -322,14 +332,9 @@ class StaticDecoder:
         """Feed tokens [B,T] after what `mem` has seen; logits [B, T or 1, vocab] fp32 (as Llama.forward)."""
         x = self.model.model.embed_tokens(tokens.to(self.device))
         pos0 = mem.position
-        for i, block in enumerate(self.blocks):
-            q, k, v = self._qkv(i, block.input_layernorm(x))
-            y = self._attend_eager(mem, i, q, k, v, pos0)
-            x = self._finish_layer(i, x, y)
+        h = self._layers(x, lambda i, q, k, v: self._attend_eager(mem, i, q, k, v, pos0))
         mem.position += tokens.shape[1]
-        if not all_logits:
-            x = x[:, -1:]
-        return self._head(x)
+        return self._head(h if all_logits else h[:, -1:])
 
     def _attend_eager(self, mem: StaticMemory, i: int, q, k, v, pos0: int) -> torch.Tensor:
         """As `LolaAttention.attend`: the tokens split at chunk boundaries, host ints everywhere."""
@@ -357,16 +362,16 @@ class StaticDecoder:
     # -- the static steps (graph bodies) -------------------------------------------------------------
     def _decode_body(self, mem: StaticMemory, sample_key: tuple) -> None:
         """One token: mem.token -> every layer -> mem.logits -> next token into mem.token; q_pos += 1."""
-        x = self.model.model.embed_tokens(mem.token)
         torch.sub(mem.q_pos, mem.window_start, out=mem.slot)
-        for i, block in enumerate(self.blocks):
+
+        def attend(i, q, k, v):
             layer = mem.layers[i]
-            q, k, v = self._qkv(i, block.input_layernorm(x))
             layer.window_k.index_copy_(2, mem.slot, k)
             layer.window_v.index_copy_(2, mem.slot, v)
-            y = self._attention(mem, i, q, mem.q_pos, mem.window_start, mem.sparse_len, out=mem.attn_out)
-            x = self._finish_layer(i, x, y)
-        mem.logits.copy_(self._head(x)[:, -1])
+            return self._attention(mem, i, q, mem.q_pos, mem.window_start, mem.sparse_len, out=mem.attn_out)
+
+        h = self._layers(self.model.model.embed_tokens(mem.token), attend)
+        mem.logits.copy_(self._head(h)[:, -1])
         self._sample_body(mem, sample_key)
         mem.q_pos.add_(1)
 
@@ -381,10 +386,9 @@ class StaticDecoder:
         c, kc = self.cfg.chunk, self.block_chunks
         starts = mem.window_start + self.arange_block  # window start while chunk j is current [K]
         q_positions = starts.unsqueeze(1) + c + self.arange_c  # [K, C]
-        x = self.model.model.embed_tokens(mem.block_tokens)
-        for i, block in enumerate(self.blocks):
+
+        def attend(i, q, k, v):
             layer = mem.layers[i]
-            q, k, v = self._qkv(i, block.input_layernorm(x))
             y = torch.empty_like(q)
             for j in range(kc):
                 part = slice(j * c, (j + 1) * c)
@@ -393,8 +397,10 @@ class StaticDecoder:
                 start = starts[j : j + 1]
                 self._attention(mem, i, q[:, :, part], q_positions[j], start, mem.sparse_len, out=y[:, :, part])
                 self._evict(mem, i, self.cfg.sparse, start)
-            x = self._finish_layer(i, x, y)
-        mem.logits.copy_(self._head(x[:, -1:])[:, -1])
+            return y
+
+        h = self._layers(self.model.model.embed_tokens(mem.block_tokens), attend)
+        mem.logits.copy_(self._head(h[:, -1:])[:, -1])
         mem.window_start.add_(kc * c)
         mem.q_pos.add_(kc * c)
 

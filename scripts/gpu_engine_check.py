@@ -5,11 +5,13 @@
 
 Parts, each in its own subprocess with its own time cap (a crash or a hung GPU in one part does not
 stop the others), results as JSON under --out:
-  tokens      (a) SmolLM2 (identity LoLA maps, C=64, λ=256) on a ~2K-token prompt + 64 greedy tokens:
+  tokens      (a) SmolLM2 (the shipped adapter, C=64, λ=256) on a ~2K-token prompt + 64 greedy tokens:
                   CPU engine fp32 vs the GPU engine (fp32 graphs, bf16 graphs, bf16 eager), and exact
                   mode CPU vs GPU; first divergence and the CPU's top-2 logit margin there.
   bench-smol  (b) `lolachat bench` on the SmolLM2 GGUF: LoLA vs exact vs transformers, 1K..128K.
   bench-8b    (b) the same on a random-weight Llama-3.1-8B shape.
+  profile     the norm kernels against the reference at the 8B width, then torch.profiler's GPU time by
+              kernel for eager decode steps and one eager prefill block of the 8B shape (where time goes).
 Last it prints (c) a short table, and writes summary.json, summary.md and the benches' PNGs.
 `--device cpu --quick` runs every code path except CUDA graphs on the CPU with short lengths.
 """
@@ -50,8 +52,9 @@ def _ensure_kernels() -> None:
 
 _ensure_kernels()
 
-PLAN = {"tokens": 130, "bench-smol": 100, "bench-8b": 160}  # seconds per part (full run < 7 minutes)
-QUICK_PLAN = {"tokens": 600, "bench-smol": 600, "bench-8b": 400}
+PLAN = {"tokens": 130, "bench-smol": 100, "bench-8b": 160, "profile": 60}  # seconds per part (< 8 minutes)
+QUICK_PLAN = {"tokens": 600, "bench-smol": 600, "bench-8b": 400, "profile": 300}
+SHIPPED_ADAPTER = ROOT / "models" / "smollm2-135m.lola.safetensors"
 TEXT = ("The history of the lighthouse keepers of the northern coast is a long one. Each keeper wrote "
         "in a log the weather, the ships that passed and the state of the lamp. ")
 
@@ -115,7 +118,7 @@ def report(out: Path, summary: dict) -> None:
     tokens = _read(out / "tokens.json")
     if tokens:
         summary["tokens"] = tokens
-        lines.append("## (a) greedy tokens, GPU engine vs CPU engine (SmolLM2, identity maps)")
+        lines.append("## (a) greedy tokens, GPU engine vs CPU engine (SmolLM2, shipped adapter)")
         lines.append(f"prompt {tokens.get('prompt_tokens')} tokens + {tokens.get('new_tokens')} new")
         lines.append("| run | vs | equal | first diff | CPU margin there | last-prefill logits max abs diff |")
         lines.append("|---|---|---|---|---|---|")
@@ -124,6 +127,16 @@ def report(out: Path, summary: dict) -> None:
                          f"{_num(row.get('cpu_margin_at_diff'))} | {_num(row.get('prefill_logits_max_abs_diff'))} |")
         for err in tokens.get("errors", []):
             lines.append(f"error: {err}")
+        lines.append("")
+    profile = _read(out / "profile.json")
+    if profile:
+        summary["profile"] = profile
+        lines.append("## profile (8B shape, eager, GPU time per kernel kind)")
+        for name, rows in profile.get("tables", {}).items():
+            lines.append(f"{name}: {profile.get('launches', {}).get(name)} launches")
+            lines += [f"  {r['us']:10.1f} us  {r['calls']:6d} x  {r['name'][:70]}" for r in rows[:10]]
+        for name, err in profile.get("norm_errors", {}).items():
+            lines.append(f"norm kernel {name}: rel err {err:.2e}")
         lines.append("")
     for part in ("bench-smol", "bench-8b"):
         result = _read(out / f"{part}.json")
@@ -162,6 +175,8 @@ def run_part(args, out: Path) -> int:
     try:
         if args.part == "tokens":
             part_tokens(args, out, deadline)
+        elif args.part == "profile":
+            part_profile(args, out)
         else:
             part_bench(args, out, deadline)
     except Exception as err:
@@ -197,10 +212,81 @@ def part_bench(args, out: Path, deadline: float) -> None:
     print(table(result), flush=True)
 
 
+def part_profile(args, out: Path) -> None:
+    import torch
+    from lolachat.kernels import ops
+    from lolachat.kernels import reference as ref
+    from torch.profiler import ProfilerActivity, profile
+
+    from lolachat.bench import attach_identity, random_model
+    from lolachat.engine import Engine, EngineInfo
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result: dict = {"norm_errors": {}, "tables": {}, "launches": {}}
+    os.environ["LOLACHAT_TRITON"] = "1"
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def err(got, want):
+        return float((got.double() - want.double()).norm() / want.double().norm())
+
+    for rows in (1, 1024):
+        x = torch.randn(1, rows, 4096, device=device, generator=gen).to(dtype)
+        d = torch.randn(1, rows, 4096, device=device, generator=gen).to(dtype)
+        w = torch.randn(4096, device=device, generator=gen).to(dtype)
+        gu = torch.randn(1, rows, 2 * 14336, device=device, generator=gen).to(dtype)
+        result["norm_errors"][f"rms_norm[{rows}]"] = err(ops.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+        x2 = x.clone()
+        got = ops.add_rms_norm(x2, d, w, 1e-5)
+        result["norm_errors"][f"add_rms_norm[{rows}]"] = err(got, ref.add_rms_norm(x.clone(), d, w, 1e-5))
+        result["norm_errors"][f"silu_mul[{rows}]"] = err(ops.silu_mul(gu), ref.silu_mul(gu))
+    os.environ.pop("LOLACHAT_TRITON")
+    (out / "profile.json").write_text(json.dumps(result, indent=1))
+
+    quick = args.quick
+    model = random_model("tiny" if quick else "llama-3.1-8b", device, dtype)
+    cfg = attach_identity(model, chunk=64, sparse=256)
+    info = EngineInfo(model="8b-shape", source="random", weights_sha256="", mode="lola", device=str(device),
+                      dtype=str(dtype), window=cfg.chunk, sparse=cfg.sparse, mix=cfg.mix,
+                      max_distance=cfg.max_distance, phi_input=cfg.phi_input)
+    os.environ["LOLACHAT_STATIC"] = "1"  # the CPU smoke run profiles the same decoder
+    engine = Engine(model, None, info, stop_ids=[])
+    decoder = engine.static_decoder()
+    mem = engine.new_memory()
+    ids = torch.randint(0, model.args.vocab_size, (2048 + 1024,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        logits = engine.prefill(mem, ids[:2048])  # steady state: sparse cache full
+        decoder.graphs = False
+        decoder.block_body_eager = True
+        from lolachat.sampling import SamplingOptions
+
+        key = decoder._start(mem, logits, SamplingOptions(temperature=0.0))
+        steps = {"decode x8 (eager)": lambda: [decoder._step(mem, key) for _ in range(8)],
+                 "prefill block of 1024 (eager)": lambda: decoder.prefill(mem, ids[2048:])}
+        for name, fn in steps.items():
+            fn()  # warm
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            rows = []
+            for evt in prof.key_averages():
+                us = evt.device_time_total if device.type == "cuda" else evt.cpu_time_total
+                if us > 0:
+                    rows.append({"name": evt.key, "calls": evt.count, "us": us})
+            rows.sort(key=lambda r: -r["us"])
+            result["tables"][name] = rows[:25]
+            result["launches"][name] = sum(r["calls"] for r in rows)
+            (out / "profile.json").write_text(json.dumps(result, indent=1))
+    (out / "profile.json").write_text(json.dumps(result, indent=1))
+
+
 def part_tokens(args, out: Path, deadline: float) -> None:
     import torch
 
-    from lolachat.adapter import identity_adapter
+    from lolachat.adapter import load_adapter
     from lolachat.engine import Engine, EngineInfo
     from lolachat.lola import LolaConfig
     from lolachat.model import Llama
@@ -221,18 +307,22 @@ def part_tokens(args, out: Path, deadline: float) -> None:
     text = TEXT * (target // 20 + 10)
     ids = tokenizer.encode(text, add_special_tokens=False)[:target]
     result.update(prompt_tokens=len(ids), new_tokens=new_tokens, model=args.gguf)
-    adapter = identity_adapter(a)
-    lola = LolaConfig(chunk=64, sparse=256, mix="lola", max_distance=max(1, a.max_position // 2), phi_input="pre_rope")
+    adapter = load_adapter(SHIPPED_ADAPTER, a)  # the default model as users run it: trained maps and LoRA
+    tensors = dict(loaded.tensors)
+    if adapter.lora:
+        adapter.merge_lora_into(tensors)
+    lola = LolaConfig(chunk=64, sparse=256, mix="lola", max_distance=max(1, a.max_position // 2),
+                      phi_input=adapter.phi_input)
 
     def build(device: str, dtype, with_lola: bool) -> Engine:
         model = Llama(a)
-        model.load_weights(loaded.tensors)
+        model.load_weights(tensors if with_lola else loaded.tensors)
         model = model.to(device=device, dtype=dtype).eval()
         if with_lola:
             model.attach_lola(lola, adapter.layers)
         info = EngineInfo(model="smollm2", source="check", weights_sha256="", mode="lola" if with_lola else "exact",
                           device=device, dtype=str(dtype), window=64, sparse=256, mix="lola",
-                          max_distance=lola.max_distance, phi_input="pre_rope")
+                          max_distance=lola.max_distance, phi_input=lola.phi_input)
         return Engine(model, tokenizer, info, stop_ids=[])
 
     def greedy_cpu(engine: Engine) -> dict:

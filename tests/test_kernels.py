@@ -19,12 +19,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from lolachat.kernels import ops, triton_attention, triton_common, triton_eviction
+from lolachat.kernels import ops, triton_attention, triton_common, triton_eviction, triton_norm
 from lolachat.kernels import reference as ref
 
 # Triton picks interpreter or compiler when a kernel is defined: if another test module imported the
 # kernels before TRITON_INTERPRET was set, define them again (in place, so ops sees the new ones).
-for _module in (triton_common, triton_attention, triton_eviction):
+for _module in (triton_common, triton_attention, triton_eviction, triton_norm):
     importlib.reload(_module)
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -249,6 +249,52 @@ def test_evict_compete(case):
         del os.environ["LOLACHAT_TRITON"]
     assert torch.equal(keep_got, keep_want)
     assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+
+
+# ---------------------------------------------------------------- norms and SiLU between the GEMVs
+
+NORM_SHAPES = [(1, 1, 576), (2, 3, 100), (1, 5, 4096)]  # [B, T, dim]: decode, odd dims, the 8B width
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm(shape, dtype):
+    draw = Draw(shape[-1])
+    x, w = draw.normal(*shape, dtype=dtype, scale=3.0), draw.normal(shape[-1], dtype=dtype)
+    out = torch.full_like(x, float("nan"))
+    assert rel_err(triton_norm.rms_norm(x, w, 1e-5, out=out), ref.rms_norm(x, w, 1e-5)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_updates_the_residual(shape, dtype):
+    draw = Draw(shape[-1] + 1)
+    x, delta = draw.normal(*shape, dtype=dtype), draw.normal(*shape, dtype=dtype)
+    w = draw.normal(shape[-1], dtype=dtype)
+    x_want, x_got = x.clone(), x.clone()
+    want = ref.add_rms_norm(x_want, delta, w, 1e-6)
+    out = torch.full_like(x, float("nan"))
+    got = triton_norm.add_rms_norm(x_got, delta, w, 1e-6, out=out)
+    assert rel_err(x_got, x_want) < TOL[dtype]
+    assert rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (2, 3, 2 * 50), (1, 2, 2 * 3000)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(shape, dtype):
+    gate_up = Draw(shape[-1]).normal(*shape, dtype=dtype, scale=2.0)
+    out = torch.full(shape[:-1] + (shape[-1] // 2,), float("nan"), dtype=dtype, device=DEVICE)
+    assert rel_err(triton_norm.silu_mul(gate_up, out=out, block_n=512), ref.silu_mul(gate_up)) < TOL[dtype]
+
+
+def test_reference_norm_is_the_model_norm():
+    from lolachat.model import RMSNorm
+
+    norm = RMSNorm(48, 1e-5)
+    norm.weight.data = torch.randn(48)
+    x = torch.randn(2, 3, 48)
+    assert torch.equal(ref.rms_norm(x, norm.weight.data, norm.eps), norm(x).detach())
 
 
 # ---------------------------------------------------------------- dispatch
