@@ -9,6 +9,7 @@ Fused steps (one launch for attention; score + sort + fold for eviction):
 - `lola_attention`  — one LoLA attention step for a block of queries of one chunk (decode: T = 1).
 - `evict_compete`   — the competing branch of eviction: score, keep top-λ, fold the rest into H, s.
 - `rms_norm`, `add_rms_norm` (residual add + norm), `silu_mul` — the steps between a layer's GEMVs.
+- `assemble_candidates`, `keep_and_shift` — eviction's data movement around `evict_compete`.
 Building blocks with the reference's signatures: `hedgehog`, `self_recall_error`, `select_keep`,
 `fold`; and, PyTorch in both paths, `gather_tokens`, `sparse_logits`, `lola_combine`, `apply_rope`.
 """
@@ -23,9 +24,9 @@ from . import reference as ref
 from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  # noqa: F401
 
 try:
-    from . import triton_attention, triton_eviction, triton_norm
+    from . import triton_attention, triton_eviction, triton_moves, triton_norm
 except ImportError:  # no Triton on this platform: the reference serves everything
-    triton_attention = triton_eviction = triton_norm = None
+    triton_attention = triton_eviction = triton_moves = triton_norm = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -134,3 +135,19 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     if use_triton(gate_up):
         return triton_norm.silu_mul(gate_up, out=out)
     return ref.silu_mul(gate_up, out=out)
+
+
+def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k, window_v, start, cand_k, cand_v,
+                        cand_pos) -> None:
+    if use_triton(cand_v) and cand_k.shape[2] == sparse_k.shape[2] + window_k.shape[2] // 2:
+        return triton_moves.assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse, window_k, window_v, start,
+                                                cand_k, cand_v, cand_pos)
+    return ref.assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse, window_k, window_v, start, cand_k,
+                                   cand_v, cand_pos)
+
+
+def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v) -> None:
+    args = (cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v)
+    if use_triton(cand_v) and sparse_k.shape[2] > 0 and cand_k.is_contiguous():
+        return triton_moves.keep_and_shift(*args)
+    return ref.keep_and_shift(*args)

@@ -269,3 +269,29 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     """silu(gate) * up for the fused projection gate_up = [..., gate | up]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.mul(torch.nn.functional.silu(gate), up, out=out)
+
+
+def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k, window_v, start, cand_k, cand_v,
+                        cand_pos) -> None:
+    """Eviction's candidate list, in place: cand[:n] = the sparse cache's first n rows; cand[n:n+C] = the
+    window's oldest chunk (window [B,Hkv,2C,D], each KV head repeated for its query heads) at positions
+    start..start+C−1. `start` is an int or a one-element tensor."""
+    n, c = n_sparse, window_k.shape[2] // 2
+    b, n_heads = sparse_k.shape[:2]
+    group = n_heads // window_k.shape[1]
+    cand_k[:, :, :n] = sparse_k[:, :, :n]
+    cand_v[:, :, :n] = sparse_v[:, :, :n]
+    cand_pos[:, :, :n] = sparse_pos[:, :, :n]
+    cand_k[:, :, n : n + c] = window_k[:, :, :c].repeat_interleave(group, dim=1)
+    cand_v[:, :, n : n + c] = window_v[:, :, :c].repeat_interleave(group, dim=1)
+    cand_pos[:, :, n : n + c] = (torch.arange(c, device=cand_pos.device) + start).expand(b, n_heads, c)
+
+
+def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v) -> None:
+    """After eviction, in place: sparse = the candidates `keep` [B,H,λ] picks; window[:C] = window[C:]."""
+    sparse_k.copy_(gather_tokens(cand_k, keep))
+    sparse_v.copy_(gather_tokens(cand_v, keep))
+    sparse_pos.copy_(gather_tokens(cand_pos, keep))
+    c = window_k.shape[2] // 2
+    window_k[:, :, :c] = window_k[:, :, c:].clone()
+    window_v[:, :, :c] = window_v[:, :, c:].clone()

@@ -288,31 +288,24 @@ class StaticDecoder:
         before (host int); `start` an int or a one-element device tensor. Returns the tokens folded."""
         layer = mem.layers[i]
         c, lam = self.cfg.chunk, self.cfg.sparse
-        b, h = layer.h.shape[:2]
-        pos = (self.arange_c + start).expand(b, h, c)
-        chunk_k, chunk_v = layer.window_k[:, :, :c], layer.window_v[:, :, :c]
         folded = 0
-        if n + c <= lam:
-            self._put_expanded(layer.sparse_k_buf[:, :, n : n + c], chunk_k)
-            self._put_expanded(layer.sparse_v_buf[:, :, n : n + c], chunk_v)
-            layer.sparse_pos_buf[:, :, n : n + c].copy_(pos)
+        if n + c <= lam:  # room left: append (the first evictions, eager)
+            b, h = layer.h.shape[:2]
+            self._put_expanded(layer.sparse_k_buf[:, :, n : n + c], layer.window_k[:, :, :c])
+            self._put_expanded(layer.sparse_v_buf[:, :, n : n + c], layer.window_v[:, :, :c])
+            layer.sparse_pos_buf[:, :, n : n + c].copy_((self.arange_c + start).expand(b, h, c))
         else:
             m = n + c
-            if n:
-                layer.cand_k[:, :, :n].copy_(layer.sparse_k_buf[:, :, :n])
-                layer.cand_v[:, :, :n].copy_(layer.sparse_v_buf[:, :, :n])
-                layer.cand_pos[:, :, :n].copy_(layer.sparse_pos_buf[:, :, :n])
-            self._put_expanded(layer.cand_k[:, :, n:m], chunk_k)
-            self._put_expanded(layer.cand_v[:, :, n:m], chunk_v)
-            layer.cand_pos[:, :, n:m].copy_(pos)
+            ops.assemble_candidates(layer.sparse_k_buf, layer.sparse_v_buf, layer.sparse_pos_buf, n, layer.window_k,
+                                    layer.window_v, start, layer.cand_k, layer.cand_v, layer.cand_pos)
             cand_k, cand_v, cand_pos = layer.cand_k[:, :, :m], layer.cand_v[:, :, :m], layer.cand_pos[:, :, :m]
             keep = ops.evict_compete(cand_k, cand_v, cand_pos, layer.h, layer.s, self.phi_k[i], lam,
                                      self.inv_freq, self.cfg.phi_input)
-            if lam:
-                layer.sparse_k_buf.copy_(ops.gather_tokens(cand_k, keep))
-                layer.sparse_v_buf.copy_(ops.gather_tokens(cand_v, keep))
-                layer.sparse_pos_buf.copy_(ops.gather_tokens(cand_pos, keep))
-            folded = m - lam
+            if lam:  # keep the winners and shift the window in one step
+                ops.keep_and_shift(layer.cand_k, layer.cand_v, layer.cand_pos, keep, layer.sparse_k_buf,
+                                   layer.sparse_v_buf, layer.sparse_pos_buf, layer.window_k, layer.window_v)
+                return m - lam
+            folded = m
         layer.window_k[:, :, :c].copy_(layer.window_k[:, :, c:])
         layer.window_v[:, :, :c].copy_(layer.window_v[:, :, c:])
         return folded

@@ -98,6 +98,26 @@ def test_block_graph_body_matches_cpu_engine(sparse, cap, small_blocks, monkeypa
     assert list(dec.generate(mem, logits, 30, GREEDY)) == want_tokens
 
 
+def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, monkeypatch):
+    """The same steady-state blocks with every op on its Triton kernel (interpreted on the CPU): attention,
+    eviction, its data movement and the norms, as the GPU runs them."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("LOLACHAT_TRITON", "1")
+    _, ref, mine = pair(16)
+    ids = tokens(97, 120, seed=5)
+    want, want_tokens, _ = reference_run(ref, ids, 104, 6)
+    dec = StaticDecoder(mine, graphs=False)
+    dec.block_body_eager = True
+    blocks = []
+    body = dec._block_body
+    monkeypatch.setattr(dec, "_block_body", lambda mem: (blocks.append(mem.position), body(mem)))
+    mem = dec.new_memory()
+    logits = dec.prefill(mem, ids[0, :104].tolist())
+    assert blocks, "the block body never ran"
+    torch.testing.assert_close(logits, want[103], atol=1e-4, rtol=1e-4)
+    assert list(dec.generate(mem, logits, 6, GREEDY)) == want_tokens
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 def test_incremental_prefill_equals_one_prefill(blocks, small_blocks):
     """Prompts fed in pieces (partial chunks, single tokens) give what one prefill gives. (With the block

@@ -19,12 +19,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from lolachat.kernels import ops, triton_attention, triton_common, triton_eviction, triton_norm
+from lolachat.kernels import ops, triton_attention, triton_common, triton_eviction, triton_moves, triton_norm
 from lolachat.kernels import reference as ref
 
 # Triton picks interpreter or compiler when a kernel is defined: if another test module imported the
 # kernels before TRITON_INTERPRET was set, define them again (in place, so ops sees the new ones).
-for _module in (triton_common, triton_attention, triton_eviction, triton_norm):
+for _module in (triton_common, triton_attention, triton_eviction, triton_moves, triton_norm):
     importlib.reload(_module)
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -249,6 +249,55 @@ def test_evict_compete(case):
         del os.environ["LOLACHAT_TRITON"]
     assert torch.equal(keep_got, keep_want)
     assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+
+
+# ---------------------------------------------------------------- eviction's data movement
+
+MOVE_CASES = [  # B, H, Hkv, D, λ, C, n (sparse fill), dtype
+    (1, 9, 3, 64, 20, 8, 20, torch.bfloat16),
+    (2, 4, 2, 24, 10, 6, 10, torch.float32),
+    (1, 4, 4, 16, 40, 16, 30, torch.float32),  # cache not yet full: only n + C candidates
+    (1, 6, 2, 64, 3, 16, 3, torch.bfloat16),  # λ smaller than the block
+]
+
+
+def move_buffers(case, draw: Draw):
+    b, h, hkv, d, lam, c, n, dtype = case
+    sparse = (draw.normal(b, h, lam, d, dtype=dtype), draw.normal(b, h, lam, d, dtype=dtype),
+              draw.positions(0, 900, (b, h, lam)))
+    window = (draw.normal(b, hkv, 2 * c, d, dtype=dtype), draw.normal(b, hkv, 2 * c, d, dtype=dtype))
+    cand = (torch.full((b, h, lam + c, d), float("nan"), dtype=dtype, device=DEVICE),
+            torch.full((b, h, lam + c, d), float("nan"), dtype=dtype, device=DEVICE),
+            torch.full((b, h, lam + c), -1, dtype=torch.long, device=DEVICE))
+    return sparse, window, cand
+
+
+@pytest.mark.parametrize("case", MOVE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("start_as_tensor", [False, True])
+def test_assemble_candidates(case, start_as_tensor):
+    n, c = case[6], case[5]
+    sparse, window, cand = move_buffers(case, Draw(sum(case[:7])))
+    want = tuple(t.clone() for t in cand)
+    start = torch.tensor([1000], device=DEVICE) if start_as_tensor else 1000
+    ref.assemble_candidates(*sparse, n, *window, 1000, *want)
+    triton_moves.assemble_candidates(*sparse, n, *window, start, *cand)
+    for got, exp in zip(cand, want):
+        assert torch.equal(got[:, :, : n + c], exp[:, :, : n + c])
+
+
+@pytest.mark.parametrize("case", MOVE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_keep_and_shift(case):
+    b, h, _, _, lam, c, n, _ = case
+    draw = Draw(sum(case[:7]) + 1)
+    sparse, window, cand = move_buffers(case, draw)
+    ref.assemble_candidates(*sparse, n, *window, 1000, *cand)
+    keep = torch.stack([torch.randperm(n + c, generator=draw.g)[:lam].sort().values for _ in range(b * h)])
+    keep = keep.view(b, h, lam).to(DEVICE)
+    want_sparse, want_window = [t.clone() for t in sparse], [t.clone() for t in window]
+    ref.keep_and_shift(*cand, keep, *want_sparse, *want_window)
+    triton_moves.keep_and_shift(*cand, keep, *sparse, *window)
+    for got, exp in zip(list(sparse) + list(window), want_sparse + want_window):
+        assert torch.equal(got, exp)
 
 
 # ---------------------------------------------------------------- norms and SiLU between the GEMVs
