@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""The retrieval and perplexity study of docs/quality.md §6 on one GPU, every setting in parallel.
+
+    PYTHONUNBUFFERED=1 python3 scripts/quality_study.py --model /tmp/smol.gguf \
+        --heldout /tmp/m/smollm2-corpus.heldout.txt --out "$OUT" --seconds 480
+
+Each setting (exact, LoLA at several λ, selection variants) runs in its own worker process: first
+perplexity by context length on the held-out text, then `niah_single_1` over lengths × depths with
+samples round-robin until the deadline, so a cut-short run still covers every cell evenly. SmolLM2 is
+launch-bound on an H200 (one setting keeps a few SMs busy), so the workers share the GPU well when the
+CUDA MPS daemon runs; the driver starts one when it can and says so. Writes study.json (per setting:
+ppl by context, passkey by length and cell, needle_kept, state bytes) and study.md (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from distill_gpu import bootstrap  # noqa: E402  (imports lolachat from this checkout)
+
+SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None is the exact teacher
+    "exact": {"adapter": None},
+    "lola λ=0": {"sparse": 0},
+    "lola λ=64": {"sparse": 64},
+    "lola λ=256": {"sparse": 256},
+    "lola λ=1024": {"sparse": 1024},
+    "λ=64 group": {"sparse": 64, "selection": "group"},
+    "λ=64 sinks=4": {"sparse": 64, "sinks": 4},
+    "λ=256 group": {"sparse": 256, "selection": "group"},
+}
+LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
+DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
+ADAPTER = ROOT / "models" / "smollm2-135m.lola.safetensors"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--heldout", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seconds", type=float, default=480.0, help="wall clock for the whole study")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from SETTINGS")
+    p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    p.add_argument("--samples", type=int, default=10, help="per length × depth cell (5 depths: ×5 per length)")
+    p.add_argument("--ppl-windows", type=int, default=3)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    return drive(args)
+
+
+def drive(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/quality_study") if args.device == "cuda" else out / "workers"
+    work.mkdir(parents=True, exist_ok=True)
+    mps = start_mps() if args.device == "cuda" else None
+    started = time.time()
+    deadline = started + args.seconds - 25  # leave time to merge
+    names = [n for n in args.settings.split(",") if n]
+    procs = {}
+    for i, name in enumerate(names):
+        cmd = [sys.executable, __file__, "--worker", name, "--deadline", str(deadline)] + [
+            f"--{k}={v}" for k, v in (("model", args.model), ("heldout", args.heldout), ("out", work / f"w{i}.json"),
+                                      ("lengths", args.lengths), ("samples", args.samples),
+                                      ("ppl-windows", args.ppl_windows), ("device", args.device))]
+        with open(work / f"w{i}.log", "w") as log:
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(1.0, deadline + 20 - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if mps:
+        stop_mps(mps)
+    study = {"mps": bool(mps), "seconds": round(time.time() - started, 1), "settings": {}}
+    for i, name in enumerate(names):
+        path = work / f"w{i}.json"
+        try:
+            study["settings"][name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            log = (work / f"w{i}.log").read_text()[-1500:]
+            study["settings"][name] = {"error": "no result", "log_tail": log}
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+    text = tables(study)
+    (out / "study.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def start_mps():
+    """The CUDA MPS daemon (lets the workers' kernels share the SMs); None when it cannot start."""
+    pipe = "/tmp/mps-pipe"
+    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=pipe, CUDA_MPS_LOG_DIRECTORY="/tmp/mps-log")
+    os.makedirs(pipe, exist_ok=True)
+    os.makedirs("/tmp/mps-log", exist_ok=True)
+    try:
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"MPS not started ({err}); the workers time-share the GPU", flush=True)
+        return None
+    os.environ.update(CUDA_MPS_PIPE_DIRECTORY=pipe, CUDA_MPS_LOG_DIRECTORY="/tmp/mps-log")
+    print("MPS daemon started", flush=True)
+    return env
+
+
+def stop_mps(env) -> None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, timeout=20)
+
+
+def worker(args) -> int:
+    bootstrap()
+    import torch
+
+    from lolachat.evals.engines import EngineFactory
+    from lolachat.evals.passkey import run_passkey
+    from lolachat.evals.ppl import perplexity
+
+    name = args.worker
+    result: dict = {"setting": name, "ppl": {}, "errors": []}
+    out = Path(args.out)
+
+    def save():
+        out.write_text(json.dumps(result, indent=1, default=str))
+
+    try:
+        kwargs = dict(SETTINGS[name])
+        adapter = kwargs.pop("adapter", str(ADAPTER))
+        factory = EngineFactory(args.model, device=args.device)
+        engine = factory.build(adapter, **kwargs)
+        result["engine"] = engine.describe()
+        ids = factory.tokenizer.encode(Path(args.heldout).read_text(), add_special_tokens=False)
+        lengths = [int(x) for x in args.lengths.split(",")]
+        for context in lengths:
+            if time.time() > args.deadline:
+                break
+            try:
+                r = perplexity(engine, ids, context, tail=512, samples=args.ppl_windows)
+                result["ppl"][str(context)] = {"ppl": r["ppl"], "windows": r["windows"]}
+            except Exception as err:  # e.g. out of memory for the teacher at long contexts
+                result["errors"].append(f"ppl {context}: {type(err).__name__}: {err}")
+            save()
+        left = args.deadline - time.time()
+        pk = run_passkey(engine, lengths=lengths, depths=DEPTHS, samples=args.samples, max_new_tokens=16,
+                         deadline=time.monotonic() + left, min_rounds=1)
+        result["passkey"] = {k: pk[k] for k in ("score", "by_length", "cells", "truncated", "memory_after_prefill")}
+        result["passkey"]["answers"] = [{k: s.get(k) for k in ("length", "depth", "index", "score", "prediction")}
+                                        for s in pk["samples"][:: max(1, len(pk["samples"]) // 40)]]
+    except Exception as err:
+        result["errors"].append(f"{type(err).__name__}: {err}")
+        result["traceback"] = traceback.format_exc()
+    if torch.cuda.is_available():
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    save()
+    return 0
+
+
+def tables(study: dict) -> str:
+    settings = study["settings"]
+    lengths = sorted({int(k) for s in settings.values() for k in s.get("passkey", {}).get("by_length", {})}
+                     | {int(k) for s in settings.values() for k in s.get("ppl", {})})
+    head = "| setting | " + " | ".join(_short(n) for n in lengths) + " |"
+    rule = "|---|" + "---|" * len(lengths)
+    lines = [f"study: {study['seconds']} s, MPS {'on' if study['mps'] else 'off'}", "",
+             "passkey (niah_single_1) score %, samples per length in brackets", head, rule]
+    for name, s in settings.items():
+        by = s.get("passkey", {}).get("by_length", {})
+        cells = [f"{by[str(n)]['score']} ({by[str(n)]['n']})" if str(n) in by and by[str(n)]["n"] else "—"
+                 for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "needle_kept (share of the needle's tokens in the sparse cache after prefill)", head, rule]
+    for name, s in settings.items():
+        by = s.get("passkey", {}).get("by_length", {})
+        cells = [_num(by.get(str(n), {}).get("needle_kept")) for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "perplexity of the last 512 tokens of each window, by context length", head, rule]
+    for name, s in settings.items():
+        ppl = s.get("ppl", {})
+        lines.append(f"| {name} | " + " | ".join(_num(ppl.get(str(n), {}).get("ppl")) for n in lengths) + " |")
+    for name, s in settings.items():
+        for err in s.get("errors", []) + ([s["error"]] if "error" in s else []):
+            lines.append(f"error in {name}: {err}")
+    return "\n".join(lines)
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _num(x) -> str:
+    return "—" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
