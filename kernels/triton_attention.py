@@ -353,13 +353,14 @@ def _last_unit(x: torch.Tensor) -> torch.Tensor:
 
 def lola_attention(q_pre, q_pos, window_k, window_v, window_start, sparse_k, sparse_v, sparse_pos,
                    h_state, s_state, gamma, phi_weight, inv_freq, scale, mix, max_distance, phi_input,
-                   sparse_len=None, out=None, split: bool | None = None, block_t: int = 16, block_n: int = 64,
+                   sparse_len=None, out=None, split: bool | None = None, block_t: int = 16, block_n: int | None = None,
                    num_warps: int = 8, trig: str | None = None):
     """Triton version of `reference.lola_attention` (same arguments and result).
 
     Trailing tuning knobs: `split` (the split kernel or the single-program one; None picks by
-    `prefer_split`), query/key tile sizes, warps, and `trig`, how RoPE's sin/cos are computed (see
-    triton_common.cos_sin)."""
+    `prefer_split`), query/key tile sizes (block_n None: 128 keys per split part, 64 per step of the
+    single kernel, the H200's best in scripts/gpu_tune.py), warps, and `trig`, how RoPE's sin/cos are
+    computed (see triton_common.cos_sin)."""
     if mix not in ("lola", "lolcats"):
         raise ValueError(f"unknown mix {mix!r} (expected 'lola' or 'lolcats')")
     b, n_heads, t, d = q_pre.shape
@@ -396,6 +397,11 @@ def lola_attention(q_pre, q_pos, window_k, window_v, window_start, sparse_k, spa
         t, window_k.shape[2], n_heads, n_heads // window_k.shape[1], d, f_half, float(scale),
         0 if max_distance is None else int(max_distance),
     )
+    t_blocks = triton.cdiv(t, block_t)
+    if split is None:
+        split = prefer_split(t_blocks * b * n_heads, device)
+    if block_n is None:
+        block_n = 128 if split else 64
     block_d = block(d)
     meta = dict(
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_D=block_d, BLOCK_FH=block(f_half),
@@ -403,9 +409,6 @@ def lola_attention(q_pre, q_pos, window_k, window_v, window_start, sparse_k, spa
         HAS_CAP=max_distance is not None, MIX_LOLA=mix == "lola", PHI_POST_ROPE=phi_input == "post_rope",
         TRIG=trig_mode(trig), num_warps=num_warps,
     )
-    t_blocks = triton.cdiv(t, block_t)
-    if split is None:
-        split = prefer_split(t_blocks * b * n_heads, device)
     if not split:
         _single_kernel[(t_blocks, b * n_heads)](*args, **meta)
         return out

@@ -204,7 +204,7 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor, block_t: int = 32, out=None)
 
 
 def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out=None, block_n=32,
-            num_warps=8):
+            num_warps=4):
     _check_state(h_state, s_state)
     b, n_heads, n, d = values.shape
     f_half = h_state.shape[2] // 2
@@ -243,7 +243,7 @@ def recall_scores(keys, positions, values, h_state, s_state, weight, inv_freq=No
 
 
 def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope,
-          block_n=32, block_dv=64, num_warps=8):
+          block_n=32, block_dv=32, num_warps=8):
     _check_state(h_state, s_state)
     b, n_heads, n, d = values.shape
     f_half = h_state.shape[2] // 2
