@@ -78,6 +78,8 @@ class EngineInfo:
     mix: str | None
     max_distance: int | None
     phi_input: str | None
+    selection: str | None = None  # sparse-cache selection per query "head" or per KV-head "group"
+    sinks: int | None = None  # first tokens never evicted
 
 
 class Engine:
@@ -95,6 +97,9 @@ class Engine:
         LOLACHAT_STATIC=1/0 forces it on/off on any device; LOLACHAT_GRAPHS=0 keeps it eager on CUDA."""
         from lolachat.gpu import StaticDecoder, static_wanted
 
+        cfg = self.model.lola_config
+        if cfg is not None and (cfg.selection, cfg.sinks) != ("head", 0):
+            return None  # the static memory implements per-head selection without sinks only
         if self._static is None and self.model.lola_config is not None and static_wanted(self.device):
             self._static = StaticDecoder(self.model)
         return self._static
@@ -193,7 +198,8 @@ class Engine:
 
 def load(model: str | None = None, *, device: str = "auto", dtype: str | None = None, window: int | None = None,
          sparse: int | None | str = "auto", mix: str | None = None, max_distance: int | None = None,
-         feature_map: str | None = None, pull: bool = True, progress=None,
+         feature_map: str | None = None, selection: str | None = None, sinks: int | None = None,
+         pull: bool = True, progress=None,
          adapter: str | Path | None = None) -> Engine:
     """Load a model by catalog alias, Hub repo id or local path (DESIGN §1).
 
@@ -201,6 +207,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     mode (unbounded KV cache). `sparse="auto"` takes λ from the model's manifest (256 if it has none).
     `feature_map="identity"` runs LoLA with untrained identity-initialised maps (experimental).
     `adapter` names an adapter file (DESIGN §4.5) to use instead of the model's own.
+    `selection` ("head" or "group") and `sinks` pick the sparse-cache variant (lola.LolaConfig).
     """
     exact = sparse is None
     from lolachat import store, weights
@@ -234,6 +241,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
             mix=mix or "lola",
             max_distance=max_distance or lola_defaults.get("max_distance") or max(1, args.max_position // 2),
             phi_input=adapter.phi_input,
+            selection=selection or "head",
+            sinks=sinks or 0,
         )
         net.attach_lola(cfg, adapter.layers)
     mode = "exact" if cfg is None else ("lola-identity" if adapter.experimental else "lola")
@@ -242,6 +251,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
         model=local.name, source=local.source, weights_sha256=loaded.weights_sha256, mode=mode,
         device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
         window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
+        selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
         max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
     )
     stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(tokenizer)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lolachat.errors import LolachatError
 from lolachat.kernels import reference as ref
 
 
@@ -23,6 +24,8 @@ class LolaConfig:
     mix: str = "lola"  # "lola" (inference default) or "lolcats"
     max_distance: int | None = None  # cap on a cached key's distance to its query (DESIGN §4.4b)
     phi_input: str = "pre_rope"  # where the feature maps apply: "pre_rope" or "post_rope"
+    selection: str = "head"  # who chooses sparse-cache pairs: each query "head", or each KV-head "group"
+    sinks: int = 0  # the first `sinks` tokens are never evicted (held exactly, on top of the λ slots)
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -33,6 +36,10 @@ class LolaConfig:
             raise ValueError(f"mix must be 'lola' or 'lolcats', not {self.mix!r}")
         if self.phi_input not in ("pre_rope", "post_rope"):
             raise ValueError(f"phi_input must be 'pre_rope' or 'post_rope', not {self.phi_input!r}")
+        if self.selection not in ("head", "group"):
+            raise ValueError(f"selection must be 'head' or 'group', not {self.selection!r}")
+        if self.sinks < 0:
+            raise ValueError("sinks must be >= 0")
 
 
 @dataclass
@@ -68,6 +75,25 @@ class Rope:
 def expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     """[B, Hkv, N, ...] -> [B, Hkv*group, N, ...]: each KV head serves `group` query heads."""
     return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [B,H,T,K] @ y [B,Hy,K,M] -> [B,H,T,M], each head of y serving H/Hy consecutive heads of x.
+
+    The group is folded into the row axis, so shared K/V are never materialised per query head."""
+    b, h, t, k = x.shape
+    hy = y.shape[1]
+    out = torch.matmul(x.reshape(b, hy, (h // hy) * t, k), y)
+    return out.view(b, h, t, out.shape[-1])
+
+
+def group_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-query-head eviction scores [B,H,N] -> one per KV-head group [B,H/group,N].
+
+    Max, not sum: a pair stays when any head of the group cannot recall it, which is what a head
+    that retrieves through that pair needs; a sum would let two heads that recall it well outvote
+    the one that depends on it (research/lola.md §6.2 measured max)."""
+    return scores if group == 1 else scores.unflatten(1, (-1, group)).amax(dim=2)
 
 
 class ExactLayerMemory:
@@ -137,7 +163,9 @@ class LolaLayerMemory:
 
     The window holds pre-RoPE keys per KV head for contiguous positions [window_start, window_start +
     window_len): the previous chunk (`has_prev`, C tokens) then the current, partial chunk. The sparse
-    cache holds pre-RoPE keys per query head with their original positions.
+    cache holds pre-RoPE keys with their original positions, per query head (selection "head") or per
+    KV head ("group"). Its first `sink_len` slots are the attention sinks that have left the window
+    (never evicted, not counted in λ); the other ≤ λ slots compete at each eviction.
     """
 
     exact = False
@@ -154,9 +182,10 @@ class LolaLayerMemory:
         self.window_start = 0
         self.window_len = 0
         self.has_prev = False
-        self.sparse_k = torch.empty(batch, n_heads, 0, head_dim, dtype=dtype, device=device)
+        sparse_heads = n_kv_heads if cfg.selection == "group" else n_heads
+        self.sparse_k = torch.empty(batch, sparse_heads, 0, head_dim, dtype=dtype, device=device)
         self.sparse_v = torch.empty_like(self.sparse_k)
-        self.sparse_pos = torch.empty(batch, n_heads, 0, dtype=torch.long, device=device)
+        self.sparse_pos = torch.empty(batch, sparse_heads, 0, dtype=torch.long, device=device)
         self.sparse_k_rot = torch.empty_like(self.sparse_k)
         self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=torch.float32, device=device)
         self.s = torch.zeros(batch, n_heads, feature_dim, dtype=torch.float32, device=device)
@@ -167,6 +196,11 @@ class LolaLayerMemory:
     @property
     def sparse_len(self) -> int:
         return self.sparse_k.shape[2]
+
+    @property
+    def sink_len(self) -> int:
+        """Sinks out of the window: every position below window_start has left it."""
+        return min(self.cfg.sinks, self.window_start)
 
     @property
     def current_len(self) -> int:
@@ -187,9 +221,17 @@ class LolaLayerMemory:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {name: getattr(self, name) for name in self._FIELDS}
         out["counters"] = torch.tensor([int(getattr(self, n)) for n in self._COUNTERS], dtype=torch.long)
+        if self.cfg.sinks:  # absent by default, so default session files stay as they were
+            out["sinks"] = torch.tensor(self.cfg.sinks, dtype=torch.long)
         return out
 
     def load(self, tensors: dict[str, torch.Tensor], rope: Rope) -> None:
+        sinks = int(tensors["sinks"]) if "sinks" in tensors else 0
+        if sinks != self.cfg.sinks or tensors["sparse_k"].shape[1] != self.sparse_k.shape[1]:
+            raise LolachatError(
+                f"the saved LoLA memory has {sinks} sinks and sparse K/V for {tensors['sparse_k'].shape[1]} heads; "
+                f"this engine runs {self.cfg.sinks} sinks with selection {self.cfg.selection!r}: "
+                "load it with the same --sinks and --selection")
         for name in self._FIELDS:
             setattr(self, name, tensors[name].to(getattr(self, name).device).clone())
         for name, value in zip(self._COUNTERS, tensors["counters"].tolist()):
@@ -237,8 +279,7 @@ class LolaAttention:
         return torch.cat(outputs, dim=2)
 
     def _attend_within_chunk(self, mem: LolaLayerMemory, q_pre, k_pre, v, pos0: int) -> torch.Tensor:
-        b, h, n, d = q_pre.shape
-        hkv = k_pre.shape[1]
+        n = q_pre.shape[2]
         device = q_pre.device
         q_pos = torch.arange(pos0, pos0 + n, device=device)
         end = mem.window_len + n
@@ -248,11 +289,8 @@ class LolaAttention:
         mem.window_len = end
         q_rot = self.rope.rotate(q_pre, q_pos).float()
 
-        # Window: one KV head serves a group of query heads; fold the group into the query axis.
         win_pos = torch.arange(mem.window_start, mem.window_start + end, device=device)
-        qg = q_rot.reshape(b, hkv, (h // hkv) * n, d)
-        win_logits = torch.matmul(qg, mem.window_k_rot[:, :, :end].float().transpose(-1, -2)) * self.scale
-        win_logits = win_logits.view(b, h, n, end)
+        win_logits = grouped_matmul(q_rot, mem.window_k_rot[:, :, :end].float().transpose(-1, -2)) * self.scale
         causal = win_pos.view(1, -1) <= q_pos.view(-1, 1)
         win_logits = win_logits.masked_fill(~causal, float("-inf"))
         m = win_logits.max(dim=-1, keepdim=True).values
@@ -262,11 +300,11 @@ class LolaAttention:
             sparse = self._sparse_logits(mem, q_pre, q_rot, q_pos) * self.scale
             m = torch.maximum(m, sparse.max(dim=-1, keepdim=True).values)
         w_win = torch.exp(win_logits - m)
-        num = torch.matmul(w_win.view(b, hkv, -1, end), mem.window_v[:, :, :end].float()).view(b, h, n, d)
+        num = grouped_matmul(w_win, mem.window_v[:, :, :end].float())
         den = w_win.sum(dim=-1, keepdim=True)
         if sparse is not None:
             w_sparse = torch.exp(sparse - m)
-            num = num + torch.matmul(w_sparse, mem.sparse_v.float())
+            num = num + grouped_matmul(w_sparse, mem.sparse_v.float())
             den = den + w_sparse.sum(dim=-1, keepdim=True)
         phi_q = self.phi(q_pre, q_pos, self.adapter.phi_q)
         y = ref.mix_linear(num, den, m, phi_q, mem.h, mem.s, self.gamma, self.cfg.mix)
@@ -274,13 +312,14 @@ class LolaAttention:
 
     def _sparse_logits(self, mem: LolaLayerMemory, q_pre, q_rot, q_pos) -> torch.Tensor:
         """Unscaled logits against the sparse cache, distances capped at max_distance (DESIGN §4.4b)."""
-        near = torch.matmul(q_rot, mem.sparse_k_rot.float().transpose(-1, -2))
+        near = grouped_matmul(q_rot, mem.sparse_k_rot.float().transpose(-1, -2))
         cap = self.cfg.max_distance
         if cap is None or int(q_pos[-1]) - mem.oldest_sparse_pos <= cap:
             return near
         q_capped = self.rope.rotate(q_pre, torch.full((q_pre.shape[2],), cap, device=q_pre.device)).float()
-        far = torch.matmul(q_capped, mem.sparse_k.float().transpose(-1, -2))
-        distance = q_pos.view(1, 1, -1, 1) - mem.sparse_pos.unsqueeze(2)
+        far = grouped_matmul(q_capped, mem.sparse_k.float().transpose(-1, -2))
+        key_pos = expand_heads(mem.sparse_pos, q_pre.shape[1] // mem.sparse_pos.shape[1])
+        distance = q_pos.view(1, 1, -1, 1) - key_pos.unsqueeze(2)
         return torch.where(distance > cap, far, near)
 
     def _close_chunk(self, mem: LolaLayerMemory) -> None:
@@ -295,31 +334,34 @@ class LolaAttention:
         mem.has_prev = True
 
     def _evict(self, mem: LolaLayerMemory, k_pre, v, start: int) -> None:
-        """A chunk leaves the window: append it to the sparse cache, or compete and fold (DESIGN §4.4)."""
-        n_heads = mem.h.shape[1]
-        group = n_heads // k_pre.shape[1]
-        batch, c = k_pre.shape[0], k_pre.shape[2]
+        """A chunk leaves the window (DESIGN §4.4): its sinks join the sink slots; the rest is appended
+        to the sparse cache while it fits, else competes with it and the losers fold into H, s."""
+        sparse_heads = mem.sparse_k.shape[1]
+        group = sparse_heads // k_pre.shape[1]
         k_pre, v = expand_heads(k_pre, group), expand_heads(v, group)
-        pos = torch.arange(start, start + c, device=k_pre.device).expand(batch, n_heads, c)
+        batch, c = k_pre.shape[0], k_pre.shape[2]
+        pos = torch.arange(start, start + c, device=k_pre.device).expand(batch, sparse_heads, c)
         mem.evictions += 1
-        capacity = self.cfg.sparse
-        if mem.sparse_len + c <= capacity:
-            mem.sparse_k = torch.cat([mem.sparse_k, k_pre], dim=2)
-            mem.sparse_v = torch.cat([mem.sparse_v, v], dim=2)
-            mem.sparse_pos = torch.cat([mem.sparse_pos, pos], dim=2)
-            mem.sparse_k_rot = torch.cat([mem.sparse_k_rot, self.rope.rotate(k_pre, pos)], dim=2)
-            mem.oldest_sparse_pos = int(mem.sparse_pos.min())
-            return
-        cand_k = torch.cat([mem.sparse_k, k_pre], dim=2)
-        cand_v = torch.cat([mem.sparse_v, v], dim=2)
-        cand_pos = torch.cat([mem.sparse_pos, pos], dim=2)
-        phi_k = self.phi(cand_k, cand_pos, self.adapter.phi_k)
-        scores = ref.self_recall_error(phi_k, cand_v, mem.h, mem.s)
-        keep, drop = ref.select_keep(scores, capacity)
-        ref.fold(ref.gather_tokens(phi_k, drop), ref.gather_tokens(cand_v, drop), mem.h, mem.s)
-        mem.folded += drop.shape[-1]
-        mem.sparse_k = ref.gather_tokens(cand_k, keep)
-        mem.sparse_v = ref.gather_tokens(cand_v, keep)
-        mem.sparse_pos = ref.gather_tokens(cand_pos, keep)
+        held = mem.sink_len
+        new_sinks = min(max(self.cfg.sinks - start, 0), c)
+        cache, chunk = (mem.sparse_k, mem.sparse_v, mem.sparse_pos), (k_pre, v, pos)
+        sinks = [torch.cat([old[:, :, :held], new[:, :, :new_sinks]], dim=2) for old, new in zip(cache, chunk)]
+        cand = [torch.cat([old[:, :, held:], new[:, :, new_sinks:]], dim=2) for old, new in zip(cache, chunk)]
+        if cand[0].shape[2] > self.cfg.sparse:
+            cand = self._compete(mem, *cand)
+        mem.sparse_k, mem.sparse_v, mem.sparse_pos = (torch.cat(parts, dim=2) for parts in zip(sinks, cand))
         mem.sparse_k_rot = self.rope.rotate(mem.sparse_k, mem.sparse_pos)
-        mem.oldest_sparse_pos = int(mem.sparse_pos.min()) if capacity else 0
+        mem.oldest_sparse_pos = int(mem.sparse_pos.min()) if mem.sparse_len else 0
+
+    def _compete(self, mem: LolaLayerMemory, cand_k, cand_v, cand_pos) -> list[torch.Tensor]:
+        """Keep the top λ candidates by self-recall error per selection head; fold the rest into every
+        query head they served (each head scores and folds with its own φ_k and state)."""
+        group = mem.h.shape[1] // cand_k.shape[1]
+        k_heads, v_heads, pos_heads = (expand_heads(x, group) for x in (cand_k, cand_v, cand_pos))
+        phi_k = self.phi(k_heads, pos_heads, self.adapter.phi_k)
+        scores = ref.self_recall_error(phi_k, v_heads, mem.h, mem.s)
+        keep, drop = ref.select_keep(group_scores(scores, group), self.cfg.sparse)
+        drop = expand_heads(drop, group)
+        ref.fold(ref.gather_tokens(phi_k, drop), ref.gather_tokens(v_heads, drop), mem.h, mem.s)
+        mem.folded += drop.shape[-1]
+        return [ref.gather_tokens(x, keep) for x in (cand_k, cand_v, cand_pos)]

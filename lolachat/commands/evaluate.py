@@ -137,7 +137,9 @@ def _setting(engine) -> str:
     info = engine.info
     if info.mode == "exact":
         return "exact attention"
-    return f"{info.mode} (C={info.window}, λ={info.sparse}, mix {info.mix}, φ {info.phi_input})"
+    variant = "" if info.selection in (None, "head") else f", {info.selection} selection"
+    variant += f", {info.sinks} sinks" if info.sinks else ""
+    return f"{info.mode} (C={info.window}, λ={info.sparse}{variant}, mix {info.mix}, φ {info.phi_input})"
 
 
 def _write_json(path: str, data: dict) -> None:

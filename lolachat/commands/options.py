@@ -16,6 +16,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse", type=int, help="LoLA sparse-cache capacity λ per head (0 = window + linear only)")
     g.add_argument("--mix", choices=["lola", "lolcats"], help="how softmax and linear parts combine")
     g.add_argument("--max-distance", type=int, help="cap on a cached key's distance to the query, in tokens")
+    g.add_argument("--selection", choices=["head", "group"],
+                   help="sparse-cache selection per query head (default) or one per KV-head group "
+                        "(K/V stored once per KV head)")
+    g.add_argument("--sinks", type=int, help="first N tokens never evicted, held exactly on top of λ (default 0)")
     g.add_argument("--feature-map", choices=["trained", "identity"],
                    help="'identity': LoLA with untrained identity-initialised maps (experimental)")
     g.add_argument("--exact", action="store_true", help="exact attention with a full KV cache (memory grows)")
@@ -61,7 +65,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
     sparse = args.sparse if args.sparse is not None else (lola["sparse"] if lola["sparse"] >= 0 else "auto")
     if args.exact:
         sparse = None
-    for name in ("window", "sparse", "max_distance"):
+    for name in ("window", "sparse", "max_distance", "sinks"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0")
@@ -76,6 +80,8 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
         mix=args.mix or lola["mix"],
         max_distance=args.max_distance or lola["max_distance"] or None,
         feature_map=args.feature_map,
+        selection=getattr(args, "selection", None),
+        sinks=getattr(args, "sinks", None),
         progress=progress,
         adapter=getattr(args, "adapter", None),
     )

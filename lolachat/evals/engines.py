@@ -31,8 +31,11 @@ class EngineFactory:
         self.stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(self.tokenizer)))
 
     def build(self, adapter: str | Path | Adapter | None = None, *, sparse: int = 256, window: int | None = None,
-              mix: str = "lola", max_distance: int | None = None) -> Engine:
-        """Exact attention when `adapter` is None, else LoLA with that adapter (a file or an Adapter)."""
+              mix: str = "lola", max_distance: int | None = None, selection: str = "head",
+              sinks: int = 0) -> Engine:
+        """Exact attention when `adapter` is None, else LoLA with that adapter (a file or an Adapter).
+
+        `selection` and `sinks` pick the sparse-cache variant (lola.LolaConfig)."""
         args = self.loaded.args
         if isinstance(adapter, (str, Path)):
             adapter = load_adapter(adapter, args)
@@ -46,7 +49,7 @@ class EngineFactory:
         if adapter is not None:
             cfg = LolaConfig(chunk=window or adapter.metadata.get("chunk") or 64, sparse=sparse, mix=mix,
                              max_distance=max_distance or max(1, args.max_position // 2),
-                             phi_input=adapter.phi_input)
+                             phi_input=adapter.phi_input, selection=selection, sinks=sinks)
             net.attach_lola(cfg, adapter.layers)
         mode = "exact" if cfg is None else ("lola-identity" if adapter.experimental else "lola")
         info = EngineInfo(
@@ -54,6 +57,7 @@ class EngineFactory:
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
             max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
+            selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
         )
         return Engine(net, self.tokenizer, info, self.stop_ids)
 

@@ -35,7 +35,7 @@ def needle_kept(memory, start: int, end: int) -> float | None:
         return None
     shares = []
     for layer in memory.layers:
-        pos = layer.sparse_pos  # [B, H, S]
+        pos = layer.sparse_pos  # [B, query heads, or KV heads with group selection, S]
         hit = ((pos >= start) & (pos < end)).sum(dim=-1).float() / max(1, end - start)
         shares.append(hit.mean())
     return float(torch.stack(shares).mean()) if shares else None
