@@ -35,9 +35,11 @@ SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None i
     "lola λ=64": {"sparse": 64},
     "lola λ=256": {"sparse": 256},
     "lola λ=1024": {"sparse": 1024},
-    "λ=64 group": {"sparse": 64, "selection": "group"},
-    "λ=64 sinks=4": {"sparse": 64, "sinks": 4},
-    "λ=256 group": {"sparse": 256, "selection": "group"},
+    # selection variants (the eager engine path; up to 8K): group λ=3x has the memory of per-head λ=x
+    "λ=64 group": {"sparse": 64, "selection": "group", "max_length": 8192},
+    "λ=64 sinks=4": {"sparse": 64, "sinks": 4, "max_length": 8192},
+    "λ=192 group": {"sparse": 192, "selection": "group", "max_length": 8192},
+    "λ=768 group": {"sparse": 768, "selection": "group", "max_length": 8192},
 }
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -141,11 +143,12 @@ def worker(args) -> int:
     try:
         kwargs = dict(SETTINGS[name])
         adapter = kwargs.pop("adapter", str(ADAPTER))
+        max_length = kwargs.pop("max_length", None)
         factory = EngineFactory(args.model, device=args.device)
         engine = factory.build(adapter, **kwargs)
         result["engine"] = engine.describe()
         ids = factory.tokenizer.encode(Path(args.heldout).read_text(), add_special_tokens=False)
-        lengths = [int(x) for x in args.lengths.split(",")]
+        lengths = [n for n in map(int, args.lengths.split(",")) if max_length is None or n <= max_length]
         for context in lengths:
             if time.time() > args.deadline:
                 break
