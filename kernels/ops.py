@@ -104,14 +104,17 @@ def evict_compete(
     capacity: int,
     inv_freq: torch.Tensor,
     phi_input: str,
+    group: int = 1,
 ) -> torch.Tensor:
-    """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold)."""
+    """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold), one more for
+    the group maximum when `group` > 1."""
     if not use_triton(cand_v):
         return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
-                                 phi_input)
+                                 phi_input, group)
     post_rope = phi_input == "post_rope"
     scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
                                            post_rope)
+    scores = ref.group_max(scores, group)
     keep, drop = triton_eviction.select_keep(scores, capacity)
     triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq, post_rope)
     return keep

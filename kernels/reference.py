@@ -236,19 +236,30 @@ def evict_compete(
     capacity: int,
     inv_freq: torch.Tensor,
     phi_input: str,
+    group: int = 1,
 ) -> torch.Tensor:
     """The competing branch of eviction (DESIGN §4.4): score, keep the top `capacity`, fold the rest.
 
     cand_k/v [B,H,N,D] (cand_k pre-RoPE) at cand_pos [B,H,N]: the sparse cache followed by the chunk
     leaving the window; phi_weight [H,D,F/2] is the key feature map. h_state/s_state are updated in
-    place with the dropped pairs. Returns keep [B,H,capacity] (candidate order).
+    place with the dropped pairs. Returns keep [B,H,capacity] (candidate order). With `group` > 1 the
+    query heads of each group (whose candidates are the same) rank by the group's largest error, so
+    they keep the same pairs: the group selection of `lola.LolaConfig` on per-head buffers.
     """
     x = rope_rotate(cand_k, cand_pos, inv_freq) if phi_input == "post_rope" else cand_k
     phi_k = hedgehog(x, phi_weight)
-    scores = self_recall_error(phi_k, cand_v, h_state, s_state)
+    scores = group_max(self_recall_error(phi_k, cand_v, h_state, s_state), group)
     keep, drop = select_keep(scores, capacity)
     fold(gather_tokens(phi_k, drop), gather_tokens(cand_v, drop), h_state, s_state)
     return keep
+
+
+def group_max(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """scores [B,H,N] -> each head's entry replaced by the maximum over its group of `group` heads."""
+    if group == 1:
+        return scores
+    grouped = scores.unflatten(1, (-1, group)).amax(2, keepdim=True)
+    return grouped.expand(-1, -1, group, -1).flatten(1, 2).contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

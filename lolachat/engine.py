@@ -98,8 +98,8 @@ class Engine:
         from lolachat.gpu import StaticDecoder, static_wanted
 
         cfg = self.model.lola_config
-        if cfg is not None and (cfg.selection, cfg.sinks) != ("head", 0):
-            return None  # the static memory implements per-head selection without sinks only
+        if cfg is not None and cfg.sinks:
+            return None  # the static memory has no sink slots
         if self._static is None and self.model.lola_config is not None and static_wanted(self.device):
             self._static = StaticDecoder(self.model)
         return self._static

@@ -62,6 +62,8 @@ class StaticLayer:
                  feature_dim: int, dtype: torch.dtype, device):
         c, lam = cfg.chunk, cfg.sparse
         self.cfg = cfg
+        # group selection keeps one set per KV-head group; here every query head holds its copy of it
+        self.group = n_heads // n_kv_heads if cfg.selection == "group" else 1
         self.window_k = torch.zeros(batch, n_kv_heads, 2 * c, head_dim, dtype=dtype, device=device)
         self.window_v = torch.zeros_like(self.window_k)
         self.sparse_k_buf = torch.zeros(batch, n_heads, lam, head_dim, dtype=dtype, device=device)
@@ -114,8 +116,10 @@ class StaticLayer:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The same tensors as `LolaLayerMemory.tensors()`, so sessions move between engines."""
-        out = {"window_k": self.window_k, "window_v": self.window_v, "sparse_k": self.sparse_k,
-               "sparse_v": self.sparse_v, "sparse_pos": self.sparse_pos, "h": self.h, "s": self.s}
+        heads = slice(None, None, self.group)  # with group selection: one copy per KV head
+        out = {"window_k": self.window_k, "window_v": self.window_v, "sparse_k": self.sparse_k[:, heads],
+               "sparse_v": self.sparse_v[:, heads], "sparse_pos": self.sparse_pos[:, heads], "h": self.h,
+               "s": self.s}
         out["counters"] = torch.tensor([int(getattr(self, n)) for n in self._COUNTERS], dtype=torch.long)
         return out
 
@@ -127,9 +131,13 @@ class StaticLayer:
             raise ValueError(f"saved sparse cache holds {n} pairs, this memory has room for {room}")
         self.window_k.copy_(tensors["window_k"])
         self.window_v.copy_(tensors["window_v"])
-        self.sparse_k_buf[:, :, :n].copy_(tensors["sparse_k"])
-        self.sparse_v_buf[:, :, :n].copy_(tensors["sparse_v"])
-        self.sparse_pos_buf[:, :, :n].copy_(tensors["sparse_pos"])
+        for buf, name in ((self.sparse_k_buf, "sparse_k"), (self.sparse_v_buf, "sparse_v"),
+                          (self.sparse_pos_buf, "sparse_pos")):
+            saved = tensors[name]
+            if saved.shape[1] * self.group != buf.shape[1]:
+                raise ValueError(f"saved sparse cache has {saved.shape[1]} heads; this memory's selection "
+                                 f"({self.cfg.selection}) needs {buf.shape[1] // self.group}")
+            buf[:, :, :n].copy_(saved.repeat_interleave(self.group, dim=1))
         self.h.copy_(tensors["h"])
         self.s.copy_(tensors["s"])
         self.n_sparse = n
@@ -300,7 +308,7 @@ class StaticDecoder:
                                     layer.window_v, start, layer.cand_k, layer.cand_v, layer.cand_pos)
             cand_k, cand_v, cand_pos = layer.cand_k[:, :, :m], layer.cand_v[:, :, :m], layer.cand_pos[:, :, :m]
             keep = ops.evict_compete(cand_k, cand_v, cand_pos, layer.h, layer.s, self.phi_k[i], lam,
-                                     self.inv_freq, self.cfg.phi_input)
+                                     self.inv_freq, self.cfg.phi_input, group=layer.group)
             if lam:  # keep the winners and shift the window in one step
                 ops.keep_and_shift(layer.cand_k, layer.cand_v, layer.cand_pos, keep, layer.sparse_k_buf,
                                    layer.sparse_v_buf, layer.sparse_pos_buf, layer.window_k, layer.window_v)

@@ -21,10 +21,12 @@ def tokens(vocab, n, seed=3):
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def pair(sparse, mix="lola", max_distance=None, phi_input="pre_rope", device="cpu", dtype=torch.float32):
+def pair(sparse, mix="lola", max_distance=None, phi_input="pre_rope", device="cpu", dtype=torch.float32,
+         selection="head"):
     """The same tiny LoLA model twice: a CPU-engine reference and one for the static decoder."""
     hf = hf_model(hf_config(n_heads=6, n_kv_heads=2))
-    kw = dict(chunk=CHUNK, sparse=sparse, mix=mix, max_distance=max_distance, phi_input=phi_input)
+    kw = dict(chunk=CHUNK, sparse=sparse, mix=mix, max_distance=max_distance, phi_input=phi_input,
+              selection=selection)
     ref = lola_model(hf, **kw)
     mine = lola_model(hf, **kw).to(device=device, dtype=dtype)
     mine.attach_lola(mine.lola_config, [layer.self_attn.lola.adapter for layer in ref.model.layers])
@@ -116,6 +118,32 @@ def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, 
     assert blocks, "the block body never ran"
     torch.testing.assert_close(logits, want[103], atol=1e-4, rtol=1e-4)
     assert list(dec.generate(mem, logits, 6, GREEDY)) == want_tokens
+
+
+@pytest.mark.parametrize("sparse", [5, 16])
+def test_group_selection_matches_cpu_engine(sparse, small_blocks):
+    """Group selection on per-head buffers (every head of a group ranks by the group's largest error)
+    keeps what the CPU engine's one-set-per-group memory keeps; its sessions load into that memory."""
+    _, ref, mine = pair(sparse, selection="group")
+    ids = tokens(97, 150, seed=6)
+    want, want_tokens, ref_mem = reference_run(ref, ids, 121, 25)
+    dec = StaticDecoder(mine, graphs=False)
+    dec.block_body_eager = True
+    mem = dec.new_memory()
+    logits = dec.prefill(mem, ids[0, :121].tolist())
+    torch.testing.assert_close(logits, want[120], atol=2e-5, rtol=1e-4)
+    assert list(dec.generate(mem, logits, 25, GREEDY)) == want_tokens
+    for mine_layer, ref_layer in zip(mem.layers, ref_mem.layers):
+        saved = mine_layer.tensors()
+        assert torch.equal(saved["sparse_pos"], ref_layer.sparse_pos)  # one set per KV head, the same set
+        torch.testing.assert_close(mine_layer.h, ref_layer.h, atol=1e-4, rtol=1e-4)
+    cpu_mem = ref.new_memory()
+    for src, dst in zip(mem.layers, cpu_mem.layers):
+        dst.load({name: t.clone() for name, t in src.tensors().items()}, ref.rope)
+    again = dec.new_memory()
+    for src, dst in zip(mem.layers, again.layers):
+        dst.load(src.tensors())
+    assert torch.equal(again.layers[0].sparse_k, mem.layers[0].sparse_k)
 
 
 @pytest.mark.parametrize("blocks", [False, True])

@@ -251,6 +251,31 @@ def test_evict_compete(case):
     assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
 
 
+def test_evict_compete_group_selection():
+    """Group selection: each pair of query heads ranks by the pair's larger error and keeps the same set."""
+    b, h, d, f, capacity, c, group = 1, 4, 16, 32, 12, 8, 2
+    draw = Draw(77)
+    n = capacity + c
+    keys = draw.normal(b, h // group, n, d).repeat_interleave(group, dim=1)
+    values = draw.normal(b, h // group, n, d).repeat_interleave(group, dim=1)
+    positions = torch.arange(n, device=DEVICE).expand(b, h, n)
+    weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
+    h_want, s_want = state(draw, b, h, f, d)
+    h_got, s_got = h_want.clone(), s_want.clone()
+    per_head = ref.evict_compete(keys, values, positions, h_want.clone(), s_want.clone(), weight, capacity, freqs,
+                                 "pre_rope")
+    keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, "pre_rope", group)
+    assert torch.equal(keep_want[:, 0], keep_want[:, 1]) and torch.equal(keep_want[:, 2], keep_want[:, 3])
+    assert not torch.equal(keep_want, per_head)  # the heads' own rankings differ (their maps and states do)
+    os.environ["LOLACHAT_TRITON"] = "1"
+    try:
+        keep_got = ops.evict_compete(keys, values, positions, h_got, s_got, weight, capacity, freqs, "pre_rope", group)
+    finally:
+        del os.environ["LOLACHAT_TRITON"]
+    assert torch.equal(keep_got, keep_want)
+    assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+
+
 # ---------------------------------------------------------------- eviction's data movement
 
 MOVE_CASES = [  # B, H, Hkv, D, λ, C, n (sparse fill), dtype
