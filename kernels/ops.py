@@ -24,9 +24,11 @@ from . import reference as ref
 from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  # noqa: F401
 
 try:
+    import triton
+
     from . import triton_attention, triton_eviction, triton_moves, triton_norm
 except ImportError:  # no Triton on this platform: the reference serves everything
-    triton_attention = triton_eviction = triton_moves = triton_norm = None
+    triton = triton_attention = triton_eviction = triton_moves = triton_norm = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -57,9 +59,15 @@ def fold(phi_k: torch.Tensor, values: torch.Tensor, h_state: torch.Tensor, s_sta
     return ref.fold(phi_k, values, h_state, s_state)
 
 
+# The selection kernel unrolls its pairwise ranking over the candidates: on the H200 it compiled and ran
+# in microseconds for 320 candidates (λ = 256) but had not finished after three minutes for 1088 (λ = 1024).
+# Past this many candidates (rounded up to a power of two) the stable sort of the reference serves.
+SELECT_KERNEL_MAX = 512
+
+
 def select_keep(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Same keep as the reference; the Triton version lists drop in candidate order (see there)."""
-    if use_triton(scores):
+    if use_triton(scores) and triton.next_power_of_2(scores.shape[-1]) <= SELECT_KERNEL_MAX:
         return triton_eviction.select_keep(scores, capacity)
     return ref.select_keep(scores, capacity)
 
@@ -114,8 +122,7 @@ def evict_compete(
     post_rope = phi_input == "post_rope"
     scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
                                            post_rope)
-    scores = ref.group_max(scores, group)
-    keep, drop = triton_eviction.select_keep(scores, capacity)
+    keep, drop = select_keep(ref.group_max(scores, group), capacity)
     triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq, post_rope)
     return keep
 

@@ -219,6 +219,7 @@ EVICT_CASES = [  # B, H, D, F, λ, C, dtype, phi_input
     (2, 3, 24, 24, 10, 6, torch.float32, "post_rope"),
     (1, 2, 64, 128, 40, 16, torch.bfloat16, "post_rope"),
     (1, 2, 64, 128, 0, 16, torch.float32, "pre_rope"),  # λ = 0 would fold the whole chunk
+    (1, 2, 16, 32, 600, 16, torch.float32, "pre_rope"),  # past ops.SELECT_KERNEL_MAX: the sort selects
 ]
 
 
