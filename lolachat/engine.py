@@ -207,7 +207,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     mode (unbounded KV cache). `sparse="auto"` takes λ from the model's manifest (256 if it has none).
     `feature_map="identity"` runs LoLA with untrained identity-initialised maps (experimental).
     `adapter` names an adapter file (DESIGN §4.5) to use instead of the model's own.
-    `selection` ("head" or "group") and `sinks` pick the sparse-cache variant (lola.LolaConfig).
+    `selection` ("head" or "group"; default: the manifest's, else "head") and `sinks` pick the sparse-cache
+    variant (lola.LolaConfig).
     """
     exact = sparse is None
     from lolachat import store, weights
@@ -232,7 +233,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     net.load_weights(tensors)
     net = net.to(device=dev, dtype=torch_dtype).eval()
 
-    lola_defaults = local.manifest or {}  # catalog manifests carry window, sparse, max_distance
+    lola_defaults = local.manifest or {}  # catalog manifests carry window, sparse, selection, max_distance
     cfg = None
     if adapter is not None:
         cfg = LolaConfig(
@@ -241,7 +242,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
             mix=mix or "lola",
             max_distance=max_distance or lola_defaults.get("max_distance") or max(1, args.max_position // 2),
             phi_input=adapter.phi_input,
-            selection=selection or "head",
+            selection=selection or lola_defaults.get("selection", "head"),
             sinks=sinks or 0,
         )
         net.attach_lola(cfg, adapter.layers)

@@ -14,6 +14,7 @@ def describe_model(spec: str) -> dict:
     manifest = local.manifest or {}
     window = int(manifest.get("window", 64))
     sparse = int(manifest.get("sparse", 256))
+    selection = manifest.get("selection", "head")
     feature_dim = 2 * args.head_dim
     report = {
         "name": local.name,
@@ -28,12 +29,12 @@ def describe_model(spec: str) -> dict:
             "tied_embeddings": args.tie_embeddings,
         },
         "lola": {"mode": "lola" if local.adapter else "exact (no adapter)", "window": window, "sparse": sparse,
-                 "max_distance": manifest.get("max_distance", args.max_position // 2)},
+                 "selection": selection, "max_distance": manifest.get("max_distance", args.max_position // 2)},
         "memory_bf16": {},
     }
     for length in REPORT_LENGTHS:
         full = full_kv_bytes(args, length, 2)
-        lola = lola_bytes(args, window, sparse, feature_dim, 2)
+        lola = lola_bytes(args, window, sparse, feature_dim, 2, selection)
         report["memory_bf16"][f"{length // 1024}K"] = {
             "full_kv_bytes": full, "lola_bytes": lola, "ratio": round(full / lola, 1)}
     return report
@@ -43,11 +44,13 @@ def full_kv_bytes(args, tokens: int, element: int) -> int:
     return 2 * args.n_layers * args.n_kv_heads * args.head_dim * tokens * element
 
 
-def lola_bytes(args, window: int, sparse: int, feature_dim: int, element: int) -> int:
-    """Window K/V per KV head (2C), sparse K/V per query head (λ, + int64 positions), fp32 H and s."""
+def lola_bytes(args, window: int, sparse: int, feature_dim: int, element: int, selection: str = "head") -> int:
+    """Window K/V per KV head (2C), sparse K/V per selection head (λ, + int64 positions; per query head,
+    or per KV head with group selection), fp32 H and s per query head."""
+    sparse_heads = args.n_kv_heads if selection == "group" else args.n_heads
     per_layer = (
         2 * args.n_kv_heads * 2 * window * args.head_dim * element
-        + args.n_heads * sparse * (2 * args.head_dim * element + 8)
+        + sparse_heads * sparse * (2 * args.head_dim * element + 8)
         + args.n_heads * feature_dim * (args.head_dim + 1) * 4
     )
     return args.n_layers * per_layer

@@ -74,5 +74,6 @@ def test_default_alias_runs_lola_with_the_shipped_adapter(real_gguf):
     import json
 
     out = json.loads(result.stdout)
-    assert out["engine"]["mode"] == "lola" and out["engine"]["sparse"] == 256
+    engine = out["engine"]
+    assert (engine["mode"], engine["sparse"], engine["selection"]) == ("lola", 768, "group")  # the manifest's
     assert "Paris" in out["reply"]
