@@ -18,6 +18,7 @@ either). Prompts are random token ids.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from lolachat.adapter import identity_adapter
 from lolachat.lola import ExactLayerMemory, LolaConfig, Rope
 from lolachat.model import Llama, ModelMemory, rope_inv_freq
 from lolachat.model_args import ModelArgs
+from lolachat.quant import int8_layers, quantize_model, resolve_quant
 from lolachat.sampling import SamplingOptions
 
 GREEDY = SamplingOptions(temperature=0.0, top_k=0, top_p=1.0)
@@ -84,6 +86,7 @@ class BenchConfig:
     quick: bool = False
     deadline: float | None = None  # time.monotonic() after which no new measurement starts
     label: str | None = None
+    quant: str | None = "none"  # weights of our engines' linear layers (lolachat.quant); peers keep float
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -243,28 +246,38 @@ def weight_matrices(model: Llama) -> list[torch.Tensor]:
 
 
 def gemv_chain(model: Llama, reps: int = 20) -> dict:
-    """Seconds for one batch-1 pass over every weight matrix (in a CUDA graph on a GPU): the ceiling."""
-    mats = weight_matrices(model)
+    """Seconds for one batch-1 pass over every weight matrix (in a CUDA graph on a GPU): the ceiling.
+
+    With int8 weights (lolachat.quant) the pass runs the int8 layers themselves, as decode does."""
+    if model.quant == "none":
+        mats = weight_matrices(model)
+        steps = [(functools.partial(F.linear, weight=w), w.shape[1]) for w in mats]
+        nbytes = sum(w.numel() * w.element_size() for w in mats)
+    else:
+        layers = int8_layers(model)
+        steps = [(layer, layer.in_features) for layer in layers]
+        nbytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.qweight, layer.scales))
+    p = next(model.parameters())
     with torch.inference_mode():
-        return _gemv_chain(mats, reps)
+        return _gemv_chain(steps, nbytes, p.device, p.dtype, reps)
 
 
-def _gemv_chain(mats: list[torch.Tensor], reps: int) -> dict:
-    p = mats[0]
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], device=p.device, dtype=p.dtype) for w in mats}
+def _gemv_chain(steps: list[tuple[Callable, int]], nbytes: int, device: torch.device, dtype: torch.dtype,
+                reps: int) -> dict:
+    inputs = {k: torch.randn(1, k, device=device, dtype=dtype) for _, k in steps}
 
     def chain():
-        for w in mats:
-            F.linear(inputs[w.shape[1]], w)
+        for layer, k in steps:
+            layer(inputs[k])
 
     run = chain
-    if p.device.type == "cuda":
+    if device.type == "cuda":
         chain()
-        side = torch.cuda.Stream(p.device)
-        side.wait_stream(torch.cuda.current_stream(p.device))
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             chain()
-        torch.cuda.current_stream(p.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             chain()
@@ -272,14 +285,13 @@ def _gemv_chain(mats: list[torch.Tensor], reps: int) -> dict:
     run()
     times = []
     for _ in range(3):
-        with Measure(p.device) as m:
+        with Measure(device) as m:
             for _ in range(reps):
                 run()
         times.append(m.seconds / reps)
     seconds = min(times)
-    nbytes = sum(w.numel() * w.element_size() for w in mats)
     return {"seconds": seconds, "tok_s": 1.0 / seconds, "weight_bytes": nbytes, "gb_s": nbytes / seconds / 1e9,
-            "matrices": len(mats), "graph": p.device.type == "cuda"}
+            "matrices": len(steps), "graph": device.type == "cuda"}
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -462,6 +474,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    quant = resolve_quant(cfg.quant, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
@@ -481,26 +494,18 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     lola_cfg = attach_identity(model, cfg.chunk, cfg.sparse)
     info = EngineInfo(model=label, source="bench", weights_sha256="", mode="lola-identity", device=str(device),
                       dtype=str(dtype).removeprefix("torch."), window=lola_cfg.chunk, sparse=lola_cfg.sparse,
-                      mix=lola_cfg.mix, max_distance=lola_cfg.max_distance, phi_input=lola_cfg.phi_input)
+                      mix=lola_cfg.mix, max_distance=lola_cfg.max_distance, phi_input=lola_cfg.phi_input,
+                      quant=quant)
     engine = Engine(model, None, info, stop_ids=[])
     threads = torch.get_num_threads()
     result = {
-        "label": label, "note": note, "machine": machine_info(device), "dtype": info.dtype,
+        "label": label, "note": note, "machine": machine_info(device), "dtype": info.dtype, "quant": quant,
         "lola": {"chunk": lola_cfg.chunk, "sparse": lola_cfg.sparse, "feature_maps": "identity (speed only)",
                  "graphs": device.type == "cuda" and os.environ.get("LOLACHAT_GRAPHS", "1") != "0"},
         "lengths": lengths, "decode_tokens": decode_tokens, "prompt": "random token ids, greedy decode",
         "results": [], "notices": [],
     }
-    log(f"bench {label} on {device} ({info.dtype}, {threads} threads): {note}")
-
-    try:
-        result["gemv_chain"] = gemv_chain(model)
-        g = result["gemv_chain"]
-        log(f"  weights-only GEMV chain: {g['seconds'] * 1e3:.3f} ms = {g['tok_s']:.1f} tok/s "
-            f"({g['gb_s']:.2f} GB/s over {g['weight_bytes'] / 2**20:.1f} MiB)")
-    except Exception as err:  # keep measuring the engines
-        result["gemv_chain"] = {"error": f"{type(err).__name__}: {err}"}
-        log(f"  GEMV chain failed: {err}")
+    log(f"bench {label} on {device} ({info.dtype}, quant {quant}, {threads} threads): {note}")
 
     runners: dict[str, object] = {}
     for name in cfg.engines:
@@ -526,6 +531,16 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             result["notices"].append(f"{name}: could not start ({type(err).__name__}: {err})")
     for message in result["notices"]:
         log("  " + message)
+    quantize_model(model, quant)  # after the transformers peer took its share of the float weights
+
+    try:
+        result["gemv_chain"] = gemv_chain(model)
+        g = result["gemv_chain"]
+        log(f"  weights-only GEMV chain: {g['seconds'] * 1e3:.3f} ms = {g['tok_s']:.1f} tok/s "
+            f"({g['gb_s']:.2f} GB/s over {g['weight_bytes'] / 2**20:.1f} MiB)")
+    except Exception as err:  # keep measuring the engines
+        result["gemv_chain"] = {"error": f"{type(err).__name__}: {err}"}
+        log(f"  GEMV chain failed: {err}")
 
     _warm_up(runners, model.args.vocab_size, device, cfg, log)
     spent: dict[str, tuple[int, float]] = {}
@@ -614,7 +629,8 @@ def table(result: dict) -> str:
     """A plain-text table of one run (markdown-compatible)."""
     gemv = result.get("gemv_chain", {})
     lines = [f"### {result['label']} — {result['machine'].get('gpu') or result['machine'].get('cpu', '')}, "
-             f"{result['dtype']}, {result['machine']['threads']} threads ({result['note']})"]
+             f"{result['dtype']}, quant {result.get('quant', 'none')}, {result['machine']['threads']} threads "
+             f"({result['note']})"]
     if gemv.get("tok_s"):
         lines.append(f"GEMV-chain ceiling: {gemv['tok_s']:.1f} tok/s ({gemv['gb_s']:.1f} GB/s)")
     lines.append("| engine | context | prefill tok/s | decode tok/s | decode / GEMV | peak MiB | state MiB |")

@@ -10,7 +10,7 @@ from lolachat.errors import LolachatError
 
 DEFAULTS: dict[str, dict] = {
     "model": {"default": "smollm2-135m"},
-    "runtime": {"device": "auto", "dtype": "auto", "threads": 0},
+    "runtime": {"device": "auto", "dtype": "auto", "threads": 0, "quant": "auto"},
     "lola": {"window": 0, "sparse": -1, "mix": "lola", "max_distance": 0},
     "generation": {"max_new_tokens": 512, "temperature": 0.7, "top_k": 40, "top_p": 0.95, "system": ""},
     "sessions": {"keep_snapshots": 8},

@@ -17,6 +17,7 @@ from lolachat.adapter import Adapter, identity_adapter, load_adapter
 from lolachat.errors import BadInput, LolachatError
 from lolachat.lola import LolaConfig
 from lolachat.model import Llama, ModelMemory
+from lolachat.quant import quantize_model, resolve_quant
 from lolachat.sampling import Sampler, SamplingOptions
 
 PREFILL_BLOCK = 1024  # tokens per forward pass during prefill: bounds activation memory
@@ -80,6 +81,7 @@ class EngineInfo:
     phi_input: str | None
     selection: str | None = None  # sparse-cache selection per query "head" or per KV-head "group"
     sinks: int | None = None  # first tokens never evicted
+    quant: str = "none"  # "int8": weight-only int8 linear layers (lolachat.quant)
 
 
 class Engine:
@@ -100,7 +102,8 @@ class Engine:
         cfg = self.model.lola_config
         if cfg is not None and cfg.sinks:
             return None  # the static memory has no sink slots
-        if self._static is None and self.model.lola_config is not None and static_wanted(self.device):
+        if (self._static is None and self.model.lola_config is not None and self.model.quant == "none"
+                and static_wanted(self.device)):
             self._static = StaticDecoder(self.model)
         return self._static
 
@@ -200,7 +203,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
          sparse: int | None | str = "auto", mix: str | None = None, max_distance: int | None = None,
          feature_map: str | None = None, selection: str | None = None, sinks: int | None = None,
          pull: bool = True, progress=None,
-         adapter: str | Path | None = None) -> Engine:
+         adapter: str | Path | None = None, quant: str | None = "none") -> Engine:
     """Load a model by catalog alias, Hub repo id or local path (DESIGN §1).
 
     With a trained adapter the model runs in LoLA mode; without one, or with `sparse=None`, in exact
@@ -209,6 +212,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     `adapter` names an adapter file (DESIGN §4.5) to use instead of the model's own.
     `selection` ("head" or "group"; default: the manifest's, else "head") and `sinks` pick the sparse-cache
     variant (lola.LolaConfig).
+    `quant="int8"` runs the linear layers with int8 weights (CPU); "auto" picks it where it pays (lolachat.quant).
     """
     exact = sparse is None
     from lolachat import store, weights
@@ -221,6 +225,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     dev = resolve_device(device)
     torch.set_flush_denormal(True)  # denormal floats make CPU matmuls many times slower
     torch_dtype = resolve_dtype(dtype, dev)
+    quant = resolve_quant(quant, dev)
 
     if adapter is not None and not exact and feature_map != "identity":
         adapter = load_adapter(adapter, args)
@@ -246,6 +251,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
             sinks=sinks or 0,
         )
         net.attach_lola(cfg, adapter.layers)
+    quantize_model(net, quant)  # after LoRA is merged and the weights are on their device
     mode = "exact" if cfg is None else ("lola-identity" if adapter.experimental else "lola")
     tokenizer = load_tokenizer(local.weights)
     info = EngineInfo(
@@ -253,7 +259,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
         device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
         window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
         selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
-        max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
+        max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None, quant=quant,
     )
     stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(tokenizer)))
     return Engine(net, tokenizer, info, stop_ids)

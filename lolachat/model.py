@@ -137,6 +137,7 @@ class Llama(nn.Module):
         self.rope = Rope(rope_inv_freq(args))
         self.lola_config: LolaConfig | None = None
         self.adapter_feature_dim = 0
+        self.quant = "none"  # "int8" once lolachat.quant.quantize_model has run (it sets lm_head even if tied)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         expected = set(self.state_dict())
@@ -151,7 +152,7 @@ class Llama(nn.Module):
             raise ValueError(f"adapter has {len(adapters)} layers, model has {self.args.n_layers}")
         scale = 1.0 / math.sqrt(self.args.head_dim)
         for block, adapter in zip(self.model.layers, adapters):
-            device = block.self_attn.q_proj.weight.device
+            device = block.input_layernorm.weight.device
             moved = LayerAdapter(adapter.phi_q.to(device), adapter.phi_k.to(device),
                                  adapter.window_factor.to(device))
             block.self_attn.lola = LolaAttention(cfg, moved, self.rope, scale)
@@ -185,5 +186,6 @@ class Llama(nn.Module):
         if not all_logits:
             x = x[:, -1:]
         x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight).float()
+        return self.lm_head(x).float()

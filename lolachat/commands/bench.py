@@ -24,6 +24,9 @@ def register(sub) -> None:
                         "on the weights)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--quant", choices=["auto", "none", "int8"], default="auto",
+                   help="our engines' linear-layer weights: int8 or none; auto = int8 on the CPU "
+                        "(transformers and llama.cpp keep their own)")
     p.add_argument("--lengths", help="context lengths, e.g. 1K,4K,8K,32K (default: CPU 1K,4K,8K,32K; "
                                      "GPU 1K..128K)")
     p.add_argument("--engines", default="lola,exact,transformers,llama.cpp",
@@ -57,7 +60,7 @@ def bench_command(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     cfg = BenchConfig(model=args.model, shape=args.shape, device=args.device, dtype=args.dtype, lengths=lengths,
                       engines=engines, decode_tokens=args.decode_tokens, threads=args.threads, chunk=args.window,
-                      sparse=args.sparse, quick=args.quick, deadline=deadline)
+                      sparse=args.sparse, quick=args.quick, deadline=deadline, quant=args.quant)
     result = run_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     json_path, png_path, notice = save(result, Path(args.out))
     print(table(result))

@@ -12,6 +12,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and memory")
     g.add_argument("--device", help="auto, cpu or cuda (default: config runtime.device)")
     g.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    g.add_argument("--quant", choices=["auto", "none", "int8"],
+                   help="weights of the linear layers: int8 (CPU; a quarter of float32's bytes) or none; "
+                        "auto = int8 on the CPU (default: config runtime.quant)")
     g.add_argument("--window", type=int, help="LoLA chunk size C (window of C+1..2C tokens)")
     g.add_argument("--sparse", type=int, help="LoLA sparse-cache capacity λ per head (0 = window + linear only)")
     g.add_argument("--mix", choices=["lola", "lolcats"], help="how softmax and linear parts combine")
@@ -84,6 +87,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
         sinks=getattr(args, "sinks", None),
         progress=progress,
         adapter=getattr(args, "adapter", None),
+        quant=getattr(args, "quant", None) or runtime["quant"],
     )
 
 
