@@ -507,6 +507,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     }
     log(f"bench {label} on {device} ({info.dtype}, quant {quant}, {threads} threads): {note}")
 
+    if quant == "none":  # fuse q/k/v and gate/up before the transformers peer shares the weights: one copy
+        from lolachat.gpu import fuse_projections
+
+        fuse_projections(model)
     runners: dict[str, object] = {}
     for name in cfg.engines:
         try:
