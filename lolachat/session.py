@@ -19,7 +19,9 @@ from lolachat.sampling import SamplingOptions
 SESSION_FORMAT = 1
 METADATA_KEY = "lolachat_session"
 # Settings a saved state depends on: resuming under different ones would silently compute garbage.
-STATE_KEYS = ("weights_sha256", "mode", "window", "sparse", "mix", "max_distance", "phi_input")
+STATE_KEYS = ("weights_sha256", "mode", "window", "sparse", "mix", "max_distance", "phi_input", "selection", "sinks")
+# What a LoLA session saved before a key existed ran with (older files lack these keys).
+STATE_DEFAULTS = {"selection": "head", "sinks": 0}
 DOCUMENT_MARK = "\x00lolachat-document\x00"
 
 
@@ -221,9 +223,11 @@ class Session:
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
+    lola = saved.get("mode", "").startswith("lola")
     for key in STATE_KEYS:
-        if saved.get(key) != current.get(key):
+        was = saved.get(key, STATE_DEFAULTS.get(key) if lola else None)
+        if was != current.get(key):
             raise LolachatError(
-                f"session {path} was saved with {key}={saved.get(key)!r} but the engine runs "
+                f"session {path} was saved with {key}={was!r} but the engine runs "
                 f"{key}={current.get(key)!r}; load it with the same model and LoLA settings"
             )

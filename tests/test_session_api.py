@@ -1,5 +1,7 @@
 """The Python API of DESIGN §1 on a tiny chat model: chat, stats, save/resume, logits."""
 
+import json
+
 import pytest
 import torch
 from tiny_chat_model import build
@@ -94,6 +96,30 @@ def test_resume_refuses_a_state_from_other_settings(folder, engine, tmp_path):
     other = lolachat.load(str(folder), device="cpu", window=8, sparse=32, feature_map="identity")
     with pytest.raises(LolachatError, match="sparse"):
         other.resume(path)
+
+
+def test_sessions_saved_before_the_selection_keys_resume_as_per_head(folder, engine, tmp_path):
+    """Older session files have no 'selection'/'sinks' in their engine info: they ran per-head, no sinks."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lolachat.session import METADATA_KEY, check_compatible
+
+    sess = engine.session()
+    list(sess.chat("Hello!", **greedy(4)))
+    path = tmp_path / "old.safetensors"
+    sess.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[METADATA_KEY])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    for key in ("selection", "sinks"):
+        del meta["engine"][key]
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    assert engine.resume(path).messages == sess.messages
+    group = lolachat.load(str(folder), device="cpu", window=8, sparse=16, feature_map="identity", selection="group")
+    with pytest.raises(LolachatError, match="selection='head'"):
+        group.resume(path)
+    check_compatible({"mode": "exact"}, {"mode": "exact", "selection": None, "sinks": None}, path)
 
 
 def test_resume_rejects_a_file_that_is_not_a_session(engine, tmp_path):
