@@ -406,8 +406,13 @@ class LlamaCppEngine:
         return np.ctypeslib.as_array(pointer, shape=(self.vocab,))
 
     def run(self, ids: list[int], decode_tokens: int, device: torch.device) -> dict:
-        if len(ids) + decode_tokens > self.n_ctx_train:
+        if len(ids) > self.n_ctx_train:
             raise SkipLength(f"beyond llama.cpp's context ({self.n_ctx_train}, the model's trained length)")
+        note = None
+        if len(ids) + decode_tokens > self.n_ctx_train:  # at the full context: drop the prompt's first tokens
+            ids = ids[len(ids) + decode_tokens - self.n_ctx_train :]
+            note = (f"prompt cut to {len(ids)} tokens: with {decode_tokens} decoded it fills the "
+                    f"{self.n_ctx_train}-token context")
         with PeakRss() as rss:
             llm = self.llama_cpp.Llama(model_path=self.gguf, n_ctx=len(ids) + decode_tokens + 8, n_batch=512,
                                        n_ubatch=512, n_threads=self.threads, n_threads_batch=self.threads,
@@ -421,8 +426,9 @@ class LlamaCppEngine:
                 llm.eval([token])
             decode = time.perf_counter() - start
             del llm
-        return {"prefill_s": prefill, "decode_s": decode, "decode_tokens": decode_tokens, "peak_bytes": rss.peak,
-                "state_bytes": None}
+        out = {"prefill_s": prefill, "decode_s": decode, "decode_tokens": decode_tokens, "peak_bytes": rss.peak,
+               "state_bytes": None, "prompt_tokens": len(ids)}
+        return out | ({"note": note} if note else {})
 
 
 class SkipLength(Exception):
@@ -606,7 +612,8 @@ def _fits(previous: tuple[int, float] | None, length: int, name: str, deadline: 
 def _derive(row: dict, gemv: dict) -> None:
     if "prefill_s" not in row:
         return
-    row["prefill_tok_s"] = row["length"] / row["prefill_s"] if row["prefill_s"] else None
+    prompt = row.get("prompt_tokens", row["length"])
+    row["prefill_tok_s"] = prompt / row["prefill_s"] if row["prefill_s"] else None
     row["decode_tok_s"] = row["decode_tokens"] / row["decode_s"] if row["decode_s"] else None
     if gemv.get("tok_s") and row["decode_tok_s"]:
         row["decode_vs_gemv"] = row["decode_tok_s"] / gemv["tok_s"]
@@ -649,6 +656,7 @@ def table(result: dict) -> str:
             f"| {row['engine']} | {row['length']} | {row['prefill_tok_s']:.1f} | {_fmt(row['decode_tok_s'], '.1f')} | "
             f"{_fmt(row.get('decode_vs_gemv'), '.2f')} | {row['peak_bytes'] / 2**20:.0f} | "
             f"{_fmt(state and state / 2**20, '.1f')} |")
+    lines += [f"- {row['engine']} at {row['length']}: {row['note']}" for row in result["results"] if row.get("note")]
     return "\n".join(lines)
 
 

@@ -78,3 +78,33 @@ def test_cli(tmp_path, capsys):
     assert "| exact | 128 |" in out and "JSON:" in out
     assert (tmp_path / "bench_tiny.json").exists()
     assert main(["bench", "--engines", "nope", "--shape", "tiny"]) != 0
+
+
+def test_llama_cpp_at_its_full_context_cuts_the_prompt_to_fit(monkeypatch):
+    """At the model's trained length the prompt's first tokens give way to the decoded ones (and the row says so)."""
+    import numpy as np
+
+    from lolachat.bench import LlamaCppEngine, SkipLength, _derive
+
+    fed = []
+
+    class FakeLlama:
+        def __init__(self, n_ctx, **_):
+            self.n_ctx, self.ctx = n_ctx, None
+
+        def eval(self, ids):
+            fed.extend(ids)
+            assert len(fed) <= self.n_ctx
+
+    logits = np.zeros(10, dtype=np.float32)
+    engine = object.__new__(LlamaCppEngine)
+    engine.llama_cpp = type("FakeModule", (), {"Llama": FakeLlama, "llama_get_logits_ith": None})
+    engine.gguf, engine.threads, engine.n_ctx_train, engine.vocab = "x.gguf", 1, 64, 10
+    monkeypatch.setattr(engine, "_last_logits", lambda llm: logits)
+    row = {"engine": "llama.cpp", "length": 64} | engine.run(list(range(64)), 8, torch.device("cpu"))
+    assert row["prompt_tokens"] == 56 and fed[:56] == list(range(8, 64)) and len(fed) == 64
+    assert "prompt cut to 56" in row["note"]
+    _derive(row, {})
+    assert row["prefill_tok_s"] == 56 / row["prefill_s"]
+    with pytest.raises(SkipLength):
+        engine.run(list(range(65)), 8, torch.device("cpu"))
