@@ -53,25 +53,24 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of `reference.rms_norm`."""
-    x = x.contiguous()
+def _norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+          out: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty_like(x) if out is None else out
     n = x.shape[-1]
-    _rms_norm_kernel[(_rows(x),)](x, x, weight, out, n, eps, HAS_DELTA=False, BLOCK=triton.next_power_of_2(n),
-                                  ACT=act_code(x.dtype))
+    _rms_norm_kernel[(_rows(x),)](x, x if delta is None else delta, weight, out, n, eps, HAS_DELTA=delta is not None,
+                                  BLOCK=triton.next_power_of_2(n), ACT=act_code(x.dtype))
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of `reference.rms_norm`."""
+    return _norm(x.contiguous(), None, weight, eps, out)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `reference.add_rms_norm`: x += delta in place; returns w * rmsnorm(x)."""
-    delta = delta.contiguous()
-    out = torch.empty_like(x) if out is None else out
-    n = x.shape[-1]
-    _rms_norm_kernel[(_rows(x),)](x, delta, weight, out, n, eps, HAS_DELTA=True, BLOCK=triton.next_power_of_2(n),
-                                  ACT=act_code(x.dtype))
-    return out
+    return _norm(x, delta.contiguous(), weight, eps, out)
 
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None, block_n: int = 1024) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lolachat.adapter import identity_adapter
+from lolachat.engine import Timer
 from lolachat.lola import ExactLayerMemory, LolaConfig, Rope
 from lolachat.model import Llama, ModelMemory, rope_inv_freq
 from lolachat.model_args import ModelArgs
@@ -119,12 +120,11 @@ class PeakRss:
         self.peak = max(self.peak, self._read())
 
 
-class Measure:
-    """Seconds and peak memory of a block: CUDA max_memory_allocated on a GPU, RSS on the CPU."""
+class Measure(Timer):
+    """Seconds (as `Timer`) and peak memory of a block: CUDA max_memory_allocated on a GPU, RSS on the CPU."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = 0.0
+        super().__init__(device)
         self.peak_bytes = 0
 
     def __enter__(self):
@@ -133,13 +133,10 @@ class Measure:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._rss = PeakRss().__enter__()
-        self._start = time.perf_counter()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds = time.perf_counter() - self._start
+        super().__exit__(*exc)
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:

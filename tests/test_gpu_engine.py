@@ -48,6 +48,16 @@ def reference_run(model, ids, prompt, steps):
     return torch.cat(out), tokens_, mem
 
 
+def block_decoder(model, monkeypatch):
+    """A static decoder running its block body eagerly, and the positions at which that body ran."""
+    dec = StaticDecoder(model, graphs=False)
+    dec.block_body_eager = True
+    blocks = []
+    body = dec._block_body
+    monkeypatch.setattr(dec, "_block_body", lambda mem: (blocks.append(mem.position), body(mem)))
+    return dec, blocks
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(gpu, "PREFILL_BLOCK", 4 * CHUNK)
@@ -87,11 +97,7 @@ def test_block_graph_body_matches_cpu_engine(sparse, cap, small_blocks, monkeypa
     _, ref, mine = pair(sparse, max_distance=cap)
     ids = tokens(97, 170, seed=4)
     want, want_tokens, _ = reference_run(ref, ids, 157, 30)
-    dec = StaticDecoder(mine, graphs=False)
-    dec.block_body_eager = True
-    blocks = []
-    body = dec._block_body
-    monkeypatch.setattr(dec, "_block_body", lambda mem: (blocks.append(mem.position), body(mem)))
+    dec, blocks = block_decoder(mine, monkeypatch)
     mem = dec.new_memory()
     logits = dec.prefill(mem, ids[0, :157].tolist())
     torch.testing.assert_close(logits, want[156], atol=2e-5, rtol=1e-4)
@@ -108,11 +114,7 @@ def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, 
     _, ref, mine = pair(16)
     ids = tokens(97, 120, seed=5)
     want, want_tokens, _ = reference_run(ref, ids, 104, 6)
-    dec = StaticDecoder(mine, graphs=False)
-    dec.block_body_eager = True
-    blocks = []
-    body = dec._block_body
-    monkeypatch.setattr(dec, "_block_body", lambda mem: (blocks.append(mem.position), body(mem)))
+    dec, blocks = block_decoder(mine, monkeypatch)
     mem = dec.new_memory()
     logits = dec.prefill(mem, ids[0, :104].tolist())
     assert blocks, "the block body never ran"
