@@ -81,6 +81,7 @@ class EngineInfo:
     phi_input: str | None
     selection: str | None = None  # sparse-cache selection per query "head" or per KV-head "group"
     sinks: int | None = None  # first tokens never evicted
+    state_halflife: int | None = None  # linear state fading (0 = never)
     quant: str = "none"  # "int8": weight-only int8 linear layers (lolachat.quant)
 
 
@@ -202,7 +203,7 @@ class Engine:
 def load(model: str | None = None, *, device: str = "auto", dtype: str | None = None, window: int | None = None,
          sparse: int | None | str = "auto", mix: str | None = None, max_distance: int | None = None,
          feature_map: str | None = None, selection: str | None = None, sinks: int | None = None,
-         pull: bool = True, progress=None,
+         state_halflife: int | None = None, pull: bool = True, progress=None,
          adapter: str | Path | None = None, quant: str | None = "none") -> Engine:
     """Load a model by catalog alias, Hub repo id or local path (DESIGN §1).
 
@@ -211,7 +212,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     `feature_map="identity"` runs LoLA with untrained identity-initialised maps (experimental).
     `adapter` names an adapter file (DESIGN §4.5) to use instead of the model's own.
     `selection` ("head" or "group"; default: the manifest's, else "head") and `sinks` pick the sparse-cache
-    variant (lola.LolaConfig).
+    variant; `state_halflife` (tokens; default: the manifest's, else 0 = never) fades the linear state
+    (lola.LolaConfig).
     `quant="int8"` runs the linear layers with int8 weights (CPU); "auto" picks it where it pays (lolachat.quant).
     """
     exact = sparse is None
@@ -249,6 +251,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
             phi_input=adapter.phi_input,
             selection=selection or lola_defaults.get("selection", "head"),
             sinks=sinks or 0,
+            state_halflife=lola_defaults.get("state_halflife", 0) if state_halflife is None else state_halflife,
         )
         net.attach_lola(cfg, adapter.layers)
     quantize_model(net, quant)  # after LoRA is merged and the weights are on their device
@@ -259,6 +262,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
         device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
         window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
         selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
+        state_halflife=cfg.state_halflife if cfg else None,
         max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None, quant=quant,
     )
     stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(tokenizer)))

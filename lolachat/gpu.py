@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lolachat.kernels import ops
-from lolachat.lola import LolaConfig
+from lolachat.lola import LolaConfig, fade_state
 from lolachat.model import Llama, ModelMemory
 from lolachat.sampling import SamplingOptions
 
@@ -307,6 +307,7 @@ class StaticDecoder:
             ops.assemble_candidates(layer.sparse_k_buf, layer.sparse_v_buf, layer.sparse_pos_buf, n, layer.window_k,
                                     layer.window_v, start, layer.cand_k, layer.cand_v, layer.cand_pos)
             cand_k, cand_v, cand_pos = layer.cand_k[:, :, :m], layer.cand_v[:, :, :m], layer.cand_pos[:, :, :m]
+            fade_state(layer.h, layer.s, self.cfg)
             keep = ops.evict_compete(cand_k, cand_v, cand_pos, layer.h, layer.s, self.phi_k[i], lam,
                                      self.inv_freq, self.cfg.phi_input, group=layer.group)
             if lam:  # keep the winners and shift the window in one step

@@ -26,6 +26,7 @@ class LolaConfig:
     phi_input: str = "pre_rope"  # where the feature maps apply: "pre_rope" or "post_rope"
     selection: str = "head"  # who chooses sparse-cache pairs: each query "head", or each KV-head "group"
     sinks: int = 0  # the first `sinks` tokens are never evicted (held exactly, on top of the λ slots)
+    state_halflife: int = 0  # tokens after which the linear state's old contents weigh half; 0 = never fade
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -40,6 +41,15 @@ class LolaConfig:
             raise ValueError(f"selection must be 'head' or 'group', not {self.selection!r}")
         if self.sinks < 0:
             raise ValueError("sinks must be >= 0")
+        if self.state_halflife < 0:
+            raise ValueError("state half-life must be >= 0")
+
+    def state_fade(self) -> float:
+        """Factor on H and s at each eviction that folds (once per C tokens): 1 when the state never fades.
+
+        Without fading, the linear term's weight against the bounded softmax part grows with the
+        number of folded tokens, past anything the maps were trained on (docs/quality.md §8)."""
+        return 0.5 ** (self.chunk / self.state_halflife) if self.state_halflife else 1.0
 
 
 @dataclass
@@ -94,6 +104,14 @@ def group_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
     that retrieves through that pair needs; a sum would let two heads that recall it well outvote
     the one that depends on it (research/lola.md §6.2 measured max)."""
     return scores if group == 1 else scores.unflatten(1, (-1, group)).amax(dim=2)
+
+
+def fade_state(h_state: torch.Tensor, s_state: torch.Tensor, cfg: LolaConfig) -> None:
+    """Before a chunk competes and folds: the old contents of the linear state fade (cfg.state_halflife)."""
+    fade = cfg.state_fade()
+    if fade != 1.0:
+        h_state.mul_(fade)
+        s_state.mul_(fade)
 
 
 class ExactLayerMemory:
@@ -356,6 +374,7 @@ class LolaAttention:
     def _compete(self, mem: LolaLayerMemory, cand_k, cand_v, cand_pos) -> list[torch.Tensor]:
         """Keep the top λ candidates by self-recall error per selection head; fold the rest into every
         query head they served (each head scores and folds with its own φ_k and state)."""
+        fade_state(mem.h, mem.s, self.cfg)
         group = mem.h.shape[1] // cand_k.shape[1]
         k_heads, v_heads, pos_heads = (expand_heads(x, group) for x in (cand_k, cand_v, cand_pos))
         phi_k = self.phi(k_heads, pos_heads, self.adapter.phi_k)

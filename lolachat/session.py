@@ -19,9 +19,10 @@ from lolachat.sampling import SamplingOptions
 SESSION_FORMAT = 1
 METADATA_KEY = "lolachat_session"
 # Settings a saved state depends on: resuming under different ones would silently compute garbage.
-STATE_KEYS = ("weights_sha256", "mode", "window", "sparse", "mix", "max_distance", "phi_input", "selection", "sinks")
+STATE_KEYS = ("weights_sha256", "mode", "window", "sparse", "mix", "max_distance", "phi_input", "selection", "sinks",
+              "state_halflife")
 # What a LoLA session saved before a key existed ran with (older files lack these keys).
-STATE_DEFAULTS = {"selection": "head", "sinks": 0}
+STATE_DEFAULTS = {"selection": "head", "sinks": 0, "state_halflife": 0}
 DOCUMENT_MARK = "\x00lolachat-document\x00"
 
 

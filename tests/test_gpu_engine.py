@@ -22,11 +22,11 @@ def tokens(vocab, n, seed=3):
 
 
 def pair(sparse, mix="lola", max_distance=None, phi_input="pre_rope", device="cpu", dtype=torch.float32,
-         selection="head"):
+         selection="head", state_halflife=0):
     """The same tiny LoLA model twice: a CPU-engine reference and one for the static decoder."""
     hf = hf_model(hf_config(n_heads=6, n_kv_heads=2))
     kw = dict(chunk=CHUNK, sparse=sparse, mix=mix, max_distance=max_distance, phi_input=phi_input,
-              selection=selection)
+              selection=selection, state_halflife=state_halflife)
     ref = lola_model(hf, **kw)
     mine = lola_model(hf, **kw).to(device=device, dtype=dtype)
     mine.attach_lola(mine.lola_config, [layer.self_attn.lola.adapter for layer in ref.model.layers])
@@ -122,11 +122,12 @@ def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, 
     assert list(dec.generate(mem, logits, 6, GREEDY)) == want_tokens
 
 
-@pytest.mark.parametrize("sparse", [5, 16])
-def test_group_selection_matches_cpu_engine(sparse, small_blocks):
+@pytest.mark.parametrize("sparse,halflife", [(5, 0), (16, 0), (16, 20)])
+def test_group_selection_matches_cpu_engine(sparse, halflife, small_blocks):
     """Group selection on per-head buffers (every head of a group ranks by the group's largest error)
-    keeps what the CPU engine's one-set-per-group memory keeps; its sessions load into that memory."""
-    _, ref, mine = pair(sparse, selection="group")
+    keeps what the CPU engine's one-set-per-group memory keeps; its sessions load into that memory.
+    With a state half-life both fade the linear state alike."""
+    _, ref, mine = pair(sparse, selection="group", state_halflife=halflife)
     ids = tokens(97, 150, seed=6)
     want, want_tokens, ref_mem = reference_run(ref, ids, 121, 25)
     dec = StaticDecoder(mine, graphs=False)

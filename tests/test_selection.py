@@ -288,3 +288,31 @@ def test_eval_cli_passes_variant_into_engine_and_json(tmp_path, capsys):
     assert saved["engine"]["selection"] == "group" and saved["engine"]["sinks"] == 4
     assert main(["eval", "passkey", str(folder), "--feature-map", "identity", "--device", "cpu",
                  "--sinks", "-1"]) == 1
+
+
+def test_state_halflife_fades_each_fold_by_its_age():
+    """λ = 0: every chunk that leaves the window folds whole. With a half-life of h tokens the state at
+    the end is Σ_e fade^(E−e) · F_e, F_e the fold of eviction e (fade = 0.5^(C/h)). The F_e come from
+    the engine without fading, fed chunk by chunk; layer 0, whose keys and values do not depend on
+    the state."""
+    hf = gqa_model()
+    ids = distinct_tokens(hf.config.vocab_size, 7 * C + 3)
+    plain, fading = our_model(hf), our_model(hf)
+    plain.attach_lola(LolaConfig(chunk=C, sparse=0), random_adapters(plain.args))
+    fading.attach_lola(LolaConfig(chunk=C, sparse=0, state_halflife=2 * C), random_adapters(fading.args))
+    folds, mem = [], plain.new_memory()
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], C):
+            before = mem.layers[0].h.clone()
+            plain(ids[:, start : start + C], mem)
+            if not torch.equal(mem.layers[0].h, before):
+                folds.append(mem.layers[0].h - before)
+        faded = fading.new_memory()
+        fading(ids, faded)
+    assert len(folds) == faded.layers[0].evictions == 6  # 59 tokens: 7 chunks closed, the first into the window
+    fade = 0.5 ** (C / (2 * C))
+    want = sum(fold * fade ** (len(folds) - 1 - e) for e, fold in enumerate(folds))
+    torch.testing.assert_close(faded.layers[0].h, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(faded.layers[0].h, mem.layers[0].h, rtol=1e-3)
+    with pytest.raises(ValueError, match="half-life"):
+        LolaConfig(state_halflife=-1)

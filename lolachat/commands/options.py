@@ -23,6 +23,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                    help="sparse-cache selection per query head (default) or one per KV-head group "
                         "(K/V stored once per KV head)")
     g.add_argument("--sinks", type=int, help="first N tokens never evicted, held exactly on top of λ (default 0)")
+    g.add_argument("--state-halflife", type=int, metavar="TOKENS",
+                   help="the linear state's old contents fade to half over this many tokens (0 = never; "
+                        "default: the model's manifest)")
     g.add_argument("--feature-map", choices=["trained", "identity"],
                    help="'identity': LoLA with untrained identity-initialised maps (experimental)")
     g.add_argument("--exact", action="store_true", help="exact attention with a full KV cache (memory grows)")
@@ -68,7 +71,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
     sparse = args.sparse if args.sparse is not None else (lola["sparse"] if lola["sparse"] >= 0 else "auto")
     if args.exact:
         sparse = None
-    for name in ("window", "sparse", "max_distance", "sinks"):
+    for name in ("window", "sparse", "max_distance", "sinks", "state_halflife"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0")
@@ -85,6 +88,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
         feature_map=args.feature_map,
         selection=getattr(args, "selection", None),
         sinks=getattr(args, "sinks", None),
+        state_halflife=getattr(args, "state_halflife", None),
         progress=progress,
         adapter=getattr(args, "adapter", None),
         quant=getattr(args, "quant", None) or runtime["quant"],

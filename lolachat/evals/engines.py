@@ -32,10 +32,10 @@ class EngineFactory:
 
     def build(self, adapter: str | Path | Adapter | None = None, *, sparse: int = 256, window: int | None = None,
               mix: str = "lola", max_distance: int | None = None, selection: str = "head",
-              sinks: int = 0) -> Engine:
+              sinks: int = 0, state_halflife: int = 0) -> Engine:
         """Exact attention when `adapter` is None, else LoLA with that adapter (a file or an Adapter).
 
-        `selection` and `sinks` pick the sparse-cache variant (lola.LolaConfig)."""
+        `selection`, `sinks` and `state_halflife` pick the LoLA memory variant (lola.LolaConfig)."""
         args = self.loaded.args
         if isinstance(adapter, (str, Path)):
             adapter = load_adapter(adapter, args)
@@ -49,7 +49,8 @@ class EngineFactory:
         if adapter is not None:
             cfg = LolaConfig(chunk=window or adapter.metadata.get("chunk") or 64, sparse=sparse, mix=mix,
                              max_distance=max_distance or max(1, args.max_position // 2),
-                             phi_input=adapter.phi_input, selection=selection, sinks=sinks)
+                             phi_input=adapter.phi_input, selection=selection, sinks=sinks,
+                             state_halflife=state_halflife)
             net.attach_lola(cfg, adapter.layers)
         mode = "exact" if cfg is None else ("lola-identity" if adapter.experimental else "lola")
         info = EngineInfo(
@@ -58,6 +59,7 @@ class EngineFactory:
             window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
             max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
             selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
+            state_halflife=cfg.state_halflife if cfg else None,
         )
         return Engine(net, self.tokenizer, info, self.stop_ids)
 
