@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lolachat.adapter import INIT_WINDOW_FACTOR, Adapter, save_adapter
 from lolachat.errors import BadInput
 from lolachat.kernels import reference as ref
-from lolachat.lola import LayerAdapter
+from lolachat.lola import LayerAdapter, expand_heads, group_scores
 
 CHECKPOINT_VERSION = 1
 StepCallback = Callable[[str, int, int, float], None]  # (stage, step, planned steps, loss)
@@ -67,6 +67,7 @@ class DistillConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     sparse: int = 256  # λ in the loop
+    selection: str = "head"  # sparse-cache selection in the loop (lola.LolaConfig.selection)
     stage2_mix: str = "lola"
     max_distance: int | None = None
     # both
@@ -78,6 +79,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         self.seq_lens = tuple(int(n) for n in self.seq_lens)
+        if self.selection not in ("head", "group"):
+            raise BadInput(f"selection must be 'head' or 'group', not {self.selection!r}")
         if self.phi_input not in ("pre_rope", "post_rope"):
             raise BadInput(f"phi_input must be pre_rope or post_rope, not {self.phi_input!r}")
         for mix in (self.mix, self.stage2_mix):
@@ -204,13 +207,14 @@ def hybrid_attention(q_pre: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor, 
 
 @torch.no_grad()
 def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, inv_freq: torch.Tensor, *,
-                    n_heads: int, chunk: int, capacity: int,
-                    phi_input: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    n_heads: int, chunk: int, capacity: int, phi_input: str,
+                    selection: str = "head") -> tuple[torch.Tensor, torch.Tensor] | None:
     """Which tokens the sparse cache holds for the queries of each chunk, as inference would decide.
 
     Replays DESIGN §4.4 over the chunks: chunk j leaves the window when chunk j+1 is complete, is appended
     while there is room, and otherwise competes with the cache by self-recall error against the linear
-    state, the losers folded in. Returns (idx [B,H,N,S], valid [1,1,N,S]) or None when no query ever sees
+    state, the losers folded in; with `selection="group"` every head of a KV-head group keeps the group's
+    set (lola.group_scores). Returns (idx [B,H,N,S], valid [1,1,N,S]) or None when no query ever sees
     a cached pair.
     """
     b, _, t, _ = k_pre.shape
@@ -218,6 +222,7 @@ def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, i
     n = -(-t // c)
     if capacity == 0 or n < 3:
         return None
+    group = n_heads // k_pre.shape[1] if selection == "group" else 1
     k = _expand(k_pre.float(), n_heads)
     vv = _expand(v.float(), n_heads)
     if phi_input == "post_rope":
@@ -236,7 +241,7 @@ def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, i
             cand = torch.cat([cache, new], dim=-1)
             cand_fk, cand_v = ref.gather_tokens(fk, cand), ref.gather_tokens(vv, cand)
             scores = ref.self_recall_error(cand_fk, cand_v, h_state, s_state)
-            keep, drop = ref.select_keep(scores, capacity)
+            keep, drop = (expand_heads(x, group) for x in ref.select_keep(group_scores(scores, group), capacity))
             ref.fold(ref.gather_tokens(cand_fk, drop), ref.gather_tokens(cand_v, drop), h_state, s_state)
             cache = ref.gather_tokens(cand, keep)
         sizes[j + 2] = cache.shape[-1]
@@ -370,7 +375,7 @@ def student_logits(model, tokens: torch.Tensor, tr: Trainable, cfg: DistillConfi
         q, k, v = layer_qkv(attn, block.input_layernorm(x), tr, i)
         phi_q, phi_k, wf = tr.layer(i)
         sparse = sparse_schedule(k, v, phi_k, inv_freq, n_heads=attn.n_heads, chunk=cfg.chunk,
-                                 capacity=cfg.sparse, phi_input=cfg.phi_input)
+                                 capacity=cfg.sparse, phi_input=cfg.phi_input, selection=cfg.selection)
         y = hybrid_attention(q, k, v, phi_q, phi_k, wf, inv_freq, chunk=cfg.chunk, mix=cfg.stage2_mix,
                              phi_input=cfg.phi_input, sparse=sparse, max_distance=cfg.max_distance)
         y = y.to(x.dtype).transpose(1, 2).reshape(b, t, -1)
@@ -672,7 +677,8 @@ def build_metadata(model, cfg: DistillConfig, base: dict, data_meta: dict, state
         recipe["stage2"] = {
             "method": "LoRA on q, k, v, o with next-token cross-entropy through the LoLA student "
                       "(sparse cache in the loop, eviction by self-recall error)",
-            "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "sparse": cfg.sparse, "mix": cfg.stage2_mix,
+            "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "sparse": cfg.sparse,
+            "selection": cfg.selection, "mix": cfg.stage2_mix,
             "max_distance": cfg.max_distance, "optimizer": "Adam", "lr": cfg.stage2_lr,
             "seq_len": cfg.stage2_seq_len, "batch": cfg.stage2_batch, "steps": s2.step,
             "steps_requested": cfg.stage2_steps, "tokens": s2.step * cfg.stage2_batch * (cfg.stage2_seq_len + 1),

@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage2-batch", type=int, default=4)
     p.add_argument("--stage2-lr", type=float, default=3e-4)
     p.add_argument("--sparse", type=int, default=256, help="λ in the stage 2 loop")
+    p.add_argument("--selection", default="head", choices=["head", "group"], help="selection in the stage 2 loop")
     p.add_argument("--max-distance", type=int, default=4096)
     p.add_argument("--stage1-share", type=float, default=0.42)
     p.add_argument("--stage2-share", type=float, default=0.22)
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         phi_input=args.phi_input, chunk=args.window, mix=args.mix, seq_lens=seq_lens, steps=100_000,
         batch=args.batch, lr=args.lr, seconds=args.stage1_share * args.budget, stage2_steps=100_000,
         stage2_batch=args.stage2_batch, stage2_seq_len=args.stage2_seq_len, stage2_lr=args.stage2_lr,
-        stage2_seconds=args.stage2_share * args.budget, sparse=args.sparse, max_distance=args.max_distance,
+        stage2_seconds=args.stage2_share * args.budget, sparse=args.sparse, selection=args.selection,
+        max_distance=args.max_distance,
         seed=args.seed, checkpoint_every=0, eval_batches=2,
     )
     # the plans are time-bound; give the cosine schedule a horizon the time cap will shorten
@@ -166,8 +168,9 @@ def main(argv=None) -> int:
     # -- evaluate -----------------------------------------------------------------------------------
     settings = [("exact", None, None)]
     eval_sparse = [int(x) for x in args.eval_sparse.split(",") if x.strip()]
-    settings += [(f"lola λ={lam}", adapter_path, lam) for lam in eval_sparse]
-    settings += [(f"stage 1 only λ={max(eval_sparse)}", stage1_path(adapter_path), max(eval_sparse))]
+    variant = " group" if args.selection == "group" else ""
+    settings += [(f"lola λ={lam}{variant}", adapter_path, lam) for lam in eval_sparse]
+    settings += [(f"stage 1 only λ={max(eval_sparse)}{variant}", stage1_path(adapter_path), max(eval_sparse))]
     results: dict = {"settings": [], "training": meta}
     text = heldout.read_text(encoding="utf-8") if heldout.exists() else ""
     ids = factory.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -181,7 +184,8 @@ def main(argv=None) -> int:
             log(f"{label}: skipped, out of time")
             continue
         try:
-            engine = factory.build(adapter, sparse=lam or 0, max_distance=args.max_distance)
+            engine = factory.build(adapter, sparse=lam or 0, max_distance=args.max_distance,
+                                   selection=args.selection)
             row: dict = {"setting": label, "engine": engine.describe(), "ppl": {}, "passkey": None}
             for context in contexts:
                 if len(ids) >= context:

@@ -4,12 +4,13 @@
     PYTHONUNBUFFERED=1 python3 scripts/quality_study.py --model /tmp/smol.gguf \
         --heldout /tmp/m/smollm2-corpus.heldout.txt --out "$OUT" --seconds 480
 
-Each setting (exact, LoLA at several λ, selection variants) runs in its own worker process: first
-perplexity by context length on the held-out text, then `niah_single_1` over lengths × depths with
-samples round-robin until the deadline, so a cut-short run still covers every cell evenly. SmolLM2 is
-launch-bound on an H200 (one setting keeps a few SMs busy), so the workers share the GPU well when the
-CUDA MPS daemon runs; the driver starts one when it can and says so. Writes study.json (per setting:
-ppl by context, passkey by length and cell, needle_kept, state bytes) and study.md (the tables).
+Each setting (exact, LoLA at several λ, selection and state variants) runs in `--workers` processes:
+the first computes perplexity by context length on the held-out text, then all of them run their share
+of the `niah_single_1` samples (lengths × depths, round-robin until the deadline, so a cut-short run
+still covers every cell evenly). SmolLM2 is launch-bound on an H200 (one process keeps a few SMs busy),
+so the processes share the GPU well when the CUDA MPS daemon runs; the driver starts one when it can and
+says so. Writes study.json (per setting: ppl by context, passkey by length and cell, needle_kept, state
+bytes) and study.md (the tables). `--alt-adapter` names a second adapter for the settings marked "alt".
 """
 
 from __future__ import annotations
@@ -35,11 +36,21 @@ SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None i
     "lola λ=64": {"sparse": 64},
     "lola λ=256": {"sparse": 256},
     "lola λ=1024": {"sparse": 1024},
-    # selection variants (the eager engine path; up to 8K): group λ=3x has the memory of per-head λ=x
-    "λ=64 group": {"sparse": 64, "selection": "group", "max_length": 8192},
+    # selection variants: group λ=3x has the memory of per-head λ=x; sinks run on the eager path (to 8K)
+    "λ=64 group": {"sparse": 64, "selection": "group"},
     "λ=64 sinks=4": {"sparse": 64, "sinks": 4, "max_length": 8192},
-    "λ=192 group": {"sparse": 192, "selection": "group", "max_length": 8192},
-    "λ=768 group": {"sparse": 768, "selection": "group", "max_length": 8192},
+    "λ=192 group": {"sparse": 192, "selection": "group"},
+    "λ=768 group": {"sparse": 768, "selection": "group"},
+    # the linear state fading (--state-halflife)
+    "λ=768 group half-life 2K": {"sparse": 768, "selection": "group", "state_halflife": 2048},
+    "λ=768 group half-life 8K": {"sparse": 768, "selection": "group", "state_halflife": 8192},
+    "λ=256 half-life 2K": {"sparse": 256, "state_halflife": 2048},
+    "λ=0 half-life 2K": {"sparse": 0, "state_halflife": 2048},
+    # the same with --alt-adapter
+    "alt λ=768 group": {"adapter": "alt", "sparse": 768, "selection": "group"},
+    "alt λ=768 group half-life 2K": {"adapter": "alt", "sparse": 768, "selection": "group", "state_halflife": 2048},
+    "alt λ=256": {"adapter": "alt", "sparse": 256},
+    "alt λ=0": {"adapter": "alt", "sparse": 0},
 }
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -56,9 +67,12 @@ def main() -> int:
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     p.add_argument("--samples", type=int, default=10, help="per length × depth cell (5 depths: ×5 per length)")
     p.add_argument("--ppl-windows", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1, help="processes per setting (they split the samples)")
+    p.add_argument("--alt-adapter", help="the adapter of the settings marked 'alt'")
     p.add_argument("--device", default="cuda")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -74,34 +88,63 @@ def drive(args) -> int:
     started = time.time()
     deadline = started + args.seconds - 25  # leave time to merge
     names = [n for n in args.settings.split(",") if n]
-    procs = {}
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        sys.exit(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    procs = []
     for i, name in enumerate(names):
-        cmd = [sys.executable, __file__, "--worker", name, "--deadline", str(deadline)] + [
-            f"--{k}={v}" for k, v in (("model", args.model), ("heldout", args.heldout), ("out", work / f"w{i}.json"),
-                                      ("lengths", args.lengths), ("samples", args.samples),
-                                      ("ppl-windows", args.ppl_windows), ("device", args.device))]
-        with open(work / f"w{i}.log", "w") as log:
-            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    for proc in procs.values():
+        for shard in range(args.workers):
+            tag = f"w{i}-{shard}"
+            options = (("model", args.model), ("heldout", args.heldout), ("out", work / f"{tag}.json"),
+                       ("lengths", args.lengths), ("samples", args.samples), ("ppl-windows", args.ppl_windows),
+                       ("device", args.device), ("alt-adapter", args.alt_adapter), ("shard", f"{shard}/{args.workers}"))
+            cmd = [sys.executable, __file__, "--worker", name, "--deadline", str(deadline)]
+            cmd += [f"--{k}={v}" for k, v in options if v is not None]
+            with open(work / f"{tag}.log", "w") as log:
+                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    for proc in procs:
         try:
             proc.wait(timeout=max(1.0, deadline + 20 - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
     if mps:
         stop_mps(mps)
-    study = {"mps": bool(mps), "seconds": round(time.time() - started, 1), "settings": {}}
+    study = {"mps": bool(mps), "seconds": round(time.time() - started, 1), "workers_per_setting": args.workers,
+             "settings": {}}
     for i, name in enumerate(names):
-        path = work / f"w{i}.json"
-        try:
-            study["settings"][name] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            log = (work / f"w{i}.log").read_text()[-1500:]
-            study["settings"][name] = {"error": "no result", "log_tail": log}
+        study["settings"][name] = merge_shards(work, f"w{i}", args.workers)
     (out / "study.json").write_text(json.dumps(study, indent=1))
     text = tables(study)
     (out / "study.md").write_text(text + "\n")
     print(text)
     return 0
+
+
+def merge_shards(work: Path, prefix: str, workers: int) -> dict:
+    """One setting's result from its workers' files: ppl from the first, passkey samples from all."""
+    from lolachat.evals.passkey import summarize
+
+    parts, errors = [], []
+    for shard in range(workers):
+        try:
+            parts.append(json.loads((work / f"{prefix}-{shard}.json").read_text()))
+        except (OSError, ValueError):
+            errors.append(f"shard {shard}: no result; log: " + (work / f"{prefix}-{shard}.log").read_text()[-800:])
+    if not parts:
+        return {"error": "no result", "errors": errors}
+    merged = {k: v for k, v in parts[0].items() if k not in ("passkey", "samples")}
+    merged["errors"] = [e for p in parts for e in p.get("errors", [])] + errors
+    samples = [s for p in parts for s in p.get("samples", [])]
+    if samples:
+        grid = parts[0]["grid"]
+        pk = summarize(samples, "niah_single_1", grid["lengths"], grid["depths"],
+                       truncated=any(p.get("passkey", {}).get("truncated") for p in parts))
+        merged["passkey"] = {k: pk[k] for k in ("score", "by_length", "cells", "truncated")}
+        merged["passkey"]["memory_after_prefill"] = parts[0].get("passkey", {}).get("memory_after_prefill")
+        merged["passkey"]["answers"] = [{k: s.get(k) for k in ("length", "depth", "index", "score", "prediction")}
+                                        for s in samples[:: max(1, len(samples) // 40)]]
+    merged["peak_gpu_mib"] = max((p.get("peak_gpu_mib") or 0) for p in parts)
+    return merged
 
 
 def start_mps():
@@ -134,6 +177,7 @@ def worker(args) -> int:
     from lolachat.evals.ppl import perplexity
 
     name = args.worker
+    shard = tuple(int(x) for x in args.shard.split("/"))
     result: dict = {"setting": name, "ppl": {}, "errors": []}
     out = Path(args.out)
 
@@ -143,13 +187,19 @@ def worker(args) -> int:
     try:
         kwargs = dict(SETTINGS[name])
         adapter = kwargs.pop("adapter", str(ADAPTER))
+        if adapter == "alt":
+            if not args.alt_adapter:
+                raise ValueError(f"setting {name!r} needs --alt-adapter")
+            adapter = args.alt_adapter
         max_length = kwargs.pop("max_length", None)
         factory = EngineFactory(args.model, device=args.device)
         engine = factory.build(adapter, **kwargs)
         result["engine"] = engine.describe()
+        result["adapter"] = None if adapter is None else str(adapter)
         ids = factory.tokenizer.encode(Path(args.heldout).read_text(), add_special_tokens=False)
         lengths = [n for n in map(int, args.lengths.split(",")) if max_length is None or n <= max_length]
-        for context in lengths:
+        result["grid"] = {"lengths": lengths, "depths": DEPTHS}
+        for context in lengths if shard[0] == 0 else []:
             if time.time() > args.deadline:
                 break
             try:
@@ -160,10 +210,9 @@ def worker(args) -> int:
             save()
         left = args.deadline - time.time()
         pk = run_passkey(engine, lengths=lengths, depths=DEPTHS, samples=args.samples, max_new_tokens=16,
-                         deadline=time.monotonic() + left, min_rounds=1)
-        result["passkey"] = {k: pk[k] for k in ("score", "by_length", "cells", "truncated", "memory_after_prefill")}
-        result["passkey"]["answers"] = [{k: s.get(k) for k in ("length", "depth", "index", "score", "prediction")}
-                                        for s in pk["samples"][:: max(1, len(pk["samples"]) // 40)]]
+                         deadline=time.monotonic() + left, min_rounds=1, shard=shard)
+        result["passkey"] = {k: pk[k] for k in ("truncated", "memory_after_prefill")}
+        result["samples"] = [{k: v for k, v in s.items() if k != "memory"} for s in pk["samples"]]
     except Exception as err:
         result["errors"].append(f"{type(err).__name__}: {err}")
         result["traceback"] = traceback.format_exc()

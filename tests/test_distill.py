@@ -42,15 +42,18 @@ def random_qkv(t: int, seed: int = 0):
 
 @pytest.mark.parametrize("mix", ["lola", "lolcats"])
 @pytest.mark.parametrize("phi_input", ["pre_rope", "post_rope"])
-@pytest.mark.parametrize("sparse,max_distance", [(0, None), (5, None), (16, 20), (24, None), (200, 20)])
-def test_parallel_student_equals_lola_attention(mix, phi_input, sparse, max_distance):
+@pytest.mark.parametrize("sparse,max_distance,selection", [(0, None, "head"), (5, None, "head"), (16, 20, "head"),
+                                                          (24, None, "head"), (200, 20, "head"), (5, None, "group"),
+                                                          (16, 20, "group")])
+def test_parallel_student_equals_lola_attention(mix, phi_input, sparse, max_distance, selection):
     t = 83  # not a multiple of C: a partial last chunk
     q, k, v, adapter, inv_freq = random_qkv(t)
-    cfg = LolaConfig(chunk=C, sparse=sparse, mix=mix, phi_input=phi_input, max_distance=max_distance)
+    cfg = LolaConfig(chunk=C, sparse=sparse, mix=mix, phi_input=phi_input, max_distance=max_distance,
+                     selection=selection)
     attention = LolaAttention(cfg, adapter, Rope(inv_freq), 1 / math.sqrt(D))
     want = attention.attend(LolaLayerMemory(cfg, B, H, HKV, D, 2 * HALF, torch.float32, "cpu"), q, k, v, 0)
     schedule = sparse_schedule(k, v, adapter.phi_k, inv_freq, n_heads=H, chunk=C, capacity=sparse,
-                               phi_input=phi_input)
+                               phi_input=phi_input, selection=selection)
     got = hybrid_attention(q, k, v, adapter.phi_q, adapter.phi_k, adapter.window_factor, inv_freq, chunk=C,
                            mix=mix, phi_input=phi_input, sparse=schedule, max_distance=max_distance)
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)

@@ -14,7 +14,7 @@ import transformers
 import lolachat
 from lolachat.cli import main
 from lolachat.evals.niah import NOISE_SENTENCES, TASKS, build_prompt
-from lolachat.evals.passkey import run_passkey
+from lolachat.evals.passkey import run_passkey, summarize
 from lolachat.evals.ppl import perplexity
 from lolachat.evals.scoring import postprocess_pred, sample_score, string_match_all
 
@@ -164,6 +164,19 @@ def test_passkey_grid_on_tiny_model(tiny_folder):
     assert result["memory_after_prefill"]["400"]["sparse_tokens"] == 16
     again = run_passkey(engine, lengths=[300], depths=[1.0], samples=1, max_new_tokens=3, seed=1)
     assert again["samples"][0]["prediction"] == result["samples"][1]["prediction"]
+
+
+def test_passkey_shards_split_the_grid_and_merge_to_the_whole(tiny_folder):
+    engine = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", sparse=None)
+    grid = dict(lengths=[300], depths=[0.5], samples=3, max_new_tokens=2, seed=2)
+    whole = run_passkey(engine, **grid)
+    parts = [run_passkey(engine, **grid, shard=(i, 2)) for i in range(2)]
+    assert [s["index"] for s in parts[0]["samples"]] == [0, 2] and [s["index"] for s in parts[1]["samples"]] == [1]
+    merged = summarize(parts[0]["samples"] + parts[1]["samples"], "niah_single_1", [300], [0.5])
+    def answers(samples):
+        return sorted((s["index"], s["prediction"], s["score"]) for s in samples)
+
+    assert answers(merged["samples"]) == answers(whole["samples"]) and merged["cells"] == whole["cells"]
 
 
 def test_passkey_deadline_truncates_evenly(tiny_folder):

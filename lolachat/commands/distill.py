@@ -47,6 +47,8 @@ def register(sub) -> None:
     two.add_argument("--lora-rank", type=int, default=8)
     two.add_argument("--lora-alpha", type=float, default=16.0)
     two.add_argument("--sparse", type=int, default=256, help="sparse-cache capacity λ in the loop")
+    two.add_argument("--selection", choices=["head", "group"], default="head",
+                     help="sparse-cache selection in the loop: per query head, or one set per KV-head group")
     two.add_argument("--stage2-mix", choices=["lola", "lolcats"], default="lola")
     two.add_argument("--max-distance", type=int, help="cached-key distance cap (default: half the trained context)")
     p.add_argument("--seed", type=int, default=0)
@@ -130,7 +132,8 @@ def config_from_args(args, model_args):
         seq_lens=parse_seq_lens(args.seq_len), steps=args.steps, batch=args.batch, lr=args.lr,
         seconds=args.seconds, stage2_steps=args.stage2_steps, stage2_batch=args.stage2_batch,
         stage2_seq_len=args.stage2_seq_len, stage2_lr=args.stage2_lr, stage2_seconds=args.stage2_seconds,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, sparse=args.sparse, stage2_mix=args.stage2_mix,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, sparse=args.sparse, selection=args.selection,
+        stage2_mix=args.stage2_mix,
         max_distance=args.max_distance or max(1, model_args.max_position // 2), seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )

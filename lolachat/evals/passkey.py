@@ -66,18 +66,21 @@ def run_one(engine, task: str, length: int, depth: float, rng: random.Random, ma
 def run_passkey(engine, *, lengths: Sequence[int], depths: Sequence[float], samples: int,
                 task: str = "niah_single_1", max_new_tokens: int = 32, seed: int = 0, chat: bool = True,
                 progress: Callable[[int, int], None] | None = None, deadline: float | None = None,
-                min_rounds: int = 0) -> dict:
+                min_rounds: int = 0, shard: tuple[int, int] = (0, 1)) -> dict:
     """Run the grid; returns cells (mean score × 100 per length × depth), per-length scores and samples.
 
     `deadline` (time.monotonic() seconds) stops the run early, with `truncated` set in the result, but
-    not before `min_rounds` samples of every cell are done.
+    not before `min_rounds` samples of every cell are done. `shard=(i, n)` runs only sample indices
+    i, i+n, ... so n processes share one grid; `summarize` merges their samples.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
-    total = samples * len(lengths) * len(depths)
+    first, step = shard
+    indices = range(first, samples, step)
+    total = len(indices) * len(lengths) * len(depths)
     results: list[dict] = []
     truncated = False
-    for index in range(samples):
+    for index in indices:
         for length in lengths:
             for depth in depths:
                 if deadline is not None and index >= min_rounds and time.monotonic() > deadline:
