@@ -199,6 +199,7 @@ def worker(args) -> int:
         ids = factory.tokenizer.encode(Path(args.heldout).read_text(), add_special_tokens=False)
         lengths = [n for n in map(int, args.lengths.split(",")) if max_length is None or n <= max_length]
         result["grid"] = {"lengths": lengths, "depths": DEPTHS}
+        save()
         for context in lengths if shard[0] == 0 else []:
             if time.time() > args.deadline:
                 break
