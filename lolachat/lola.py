@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lolachat.errors import LolachatError
 from lolachat.kernels import reference as ref
+from lolachat.lola_decode import SingleTokenAttention
 
 
 @dataclass
@@ -70,6 +71,23 @@ class Rope:
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.float()
+        self._at: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos [D] and sign-folded sin [D] (−sin on the first half: rotate_half's sign) of one position.
+
+        Remembered for the last few positions: every layer of a decode step asks for the same one."""
+        hit = self._at.get(position)
+        if hit is not None and hit[0] is self.inv_freq:
+            return hit[1], hit[2]
+        cos, sin = self.cos_sin(torch.tensor([position]))
+        cos, sin = cos[0], sin[0]
+        half = sin.shape[-1] // 2
+        sin_signed = torch.cat([-sin[:half], sin[half:]])
+        if len(self._at) >= 4:
+            self._at.clear()
+        self._at[position] = (self.inv_freq, cos, sin_signed)
+        return cos, sin_signed
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.to(self.inv_freq.device).float().unsqueeze(-1) * self.inv_freq
@@ -270,6 +288,7 @@ class LolaAttention:
         self.rope = rope
         self.scale = scale
         self.gamma = torch.sigmoid(adapter.window_factor.float())
+        self.single_token = SingleTokenAttention(self)
 
     def phi(self, x_pre: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Feature map of pre-RoPE q or k [B,H,N,D] at `positions`, applied where the adapter says."""
@@ -297,6 +316,12 @@ class LolaAttention:
         return torch.cat(outputs, dim=2)
 
     def _attend_within_chunk(self, mem: LolaLayerMemory, q_pre, k_pre, v, pos0: int) -> torch.Tensor:
+        if q_pre.shape[2] == 1:
+            return self.single_token(mem, q_pre, k_pre, v, pos0)
+        return self._attend_general(mem, q_pre, k_pre, v, pos0)
+
+    def _attend_general(self, mem: LolaLayerMemory, q_pre, k_pre, v, pos0: int) -> torch.Tensor:
+        """Any number of queries of one chunk (causal among themselves): the reference math."""
         n = q_pre.shape[2]
         device = q_pre.device
         q_pos = torch.arange(pos0, pos0 + n, device=device)
