@@ -1,4 +1,4 @@
-"""Weight-only int8 linear layers (lolachat.quant): accuracy against float, and the option end to end."""
+"""Weight-only int8 / int4 linear layers (lolachat.quant): accuracy against float, and the option end to end."""
 
 import json
 import types
@@ -12,7 +12,7 @@ from tiny_chat_model import build
 import lolachat
 from lolachat import quant
 from lolachat.errors import BadInput, LolachatError
-from lolachat.quant import KERNEL_ROWS, Int8Linear, int8_layers, quantize_model, resolve_quant
+from lolachat.quant import KERNEL_ROWS, Int4Linear, Int8Linear, int8_layers, quantize_model, resolve_quant
 
 CPU = torch.device("cpu")
 REAL_PROBE = quant.int8_kernel_is_fast
@@ -56,7 +56,7 @@ def test_model_logits_with_int8_stay_close(monkeypatch):
         embedding = q_model.model.embed_tokens.weight.clone()
         quantize_model(q_model, "int8")
         assert q_model.quant == "int8" and isinstance(q_model.lm_head, Int8Linear)
-        assert len(int8_layers(q_model)) == 7 * 3 + 1
+        assert len(int8_layers(q_model)) == 4 * 3 + 1  # q,k,v and gate,up fused
         assert torch.equal(q_model.model.embed_tokens.weight, embedding)  # the lookup stays exact
         ids = torch.randint(0, 211, (1, 48), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -84,14 +84,17 @@ def test_lola_model_with_int8():
 
 
 def test_resolve_quant(monkeypatch):
-    assert resolve_quant("auto", CPU) == "int8"
-    assert resolve_quant(None, CPU) == "int8"
+    assert resolve_quant("auto", CPU) == "int4"
+    assert resolve_quant(None, CPU) == "int4"
     assert resolve_quant("none", CPU) == "none"
+    assert resolve_quant("int8", CPU) == "int8"
     assert resolve_quant("auto", torch.device("cuda")) == "none"
     with pytest.raises(BadInput, match="CPU engine"):
         resolve_quant("int8", torch.device("cuda"))
     with pytest.raises(BadInput, match="unknown quant"):
-        resolve_quant("int4", CPU)
+        resolve_quant("int3", CPU)
+    monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
+    assert resolve_quant("auto", CPU) == "int8"
     monkeypatch.setattr(quant, "int8_kernel_is_fast", lambda: False)  # e.g. a CPU without AVX-512
     assert resolve_quant("auto", CPU) == "none"
     assert resolve_quant("int8", CPU) == "int8"  # asked for: honoured
@@ -137,7 +140,7 @@ def test_cli_option_and_config(folder, tmp_path, monkeypatch, capsys):
     for extra in ([], ["--quant", "none"], ["--quant", "int8"]):
         assert main(base + extra) == 0
         quants[tuple(extra)] = json.loads(capsys.readouterr().out)["engine"]["quant"]
-    assert quants == {(): "int8", ("--quant", "none"): "none", ("--quant", "int8"): "int8"}  # config default: auto
+    assert quants == {(): "int4", ("--quant", "none"): "none", ("--quant", "int8"): "int8"}  # config default: auto
     config = tmp_path / "lolachat.toml"
     config.write_text('[runtime]\nquant = "none"\n')
     monkeypatch.setenv("LOLACHAT_CONFIG", str(config))
@@ -171,6 +174,88 @@ def test_bench_cli_quant(tmp_path, capsys):
 
 def test_kernel_probe_runs():
     assert isinstance(REAL_PROBE.__wrapped__(), bool)  # the real probe, uncached
+
+
+def on_grid_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """w = q · scale + min per group of 32, every group using codes 0 and 15 (as a Q4_1 quantizer's do)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15
+    scales = torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-3
+    return (codes * scales - torch.rand(n, k // 32, 1, generator=g) * 0.05).view(n, k)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(192, 576), (1536, 576), (576, 1536), (48, 64)])
+@pytest.mark.parametrize("rows", [1, KERNEL_ROWS, 37])
+def test_int4_keeps_an_exact_grid(out_features, in_features, rows):
+    w = on_grid_weight(out_features, in_features, seed=rows)
+    layer = Int4Linear.from_grid(w)
+    assert layer is not None
+    torch.testing.assert_close(layer.dequantized(torch.float32), w, atol=1e-6, rtol=0)
+    x = torch.randn(2, rows, in_features, generator=torch.Generator().manual_seed(7))
+    y = layer(x)
+    assert y.shape == (2, rows, out_features) and y.dtype == x.dtype
+    assert rel_err(y, F.linear(x, w)) < 0.01  # the kernel's bf16 activations and bf16 scale/zero only
+
+
+def test_int4_refuses_weights_off_a_grid_and_int8_takes_them():
+    assert Int4Linear.from_grid(torch.randn(64, 64)) is None
+    assert Int4Linear.from_grid(on_grid_weight(64, 96, 0)[:, :48]) is None  # K not a multiple of 32
+    assert Int4Linear.from_grid(on_grid_weight(40, 64, 0)) is None  # rows not a multiple of 16
+    w = on_grid_weight(64, 64, 0)
+    w[5, 7] += 1e-3  # one weight off the grid
+    assert Int4Linear.from_grid(w) is None
+    assert isinstance(quant.quantized_linear(w, "int4"), Int8Linear)
+    assert isinstance(quant.quantized_linear(on_grid_weight(64, 64, 0), "int4"), Int4Linear)
+
+
+def snap_to_grid(w: torch.Tensor) -> torch.Tensor:
+    """w rounded onto a 4-bit grid per group of 32 (what a Q4_1 GGUF holds)."""
+    n, k = w.shape
+    groups = w.view(n, k // 32, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    return (torch.round((groups - low) / step) * step + low).view(n, k)
+
+
+def test_lola_model_with_int4_weights_on_a_grid():
+    """A model whose matrices sit on a 4-bit grid: int4 keeps them (down_proj, K = 136, is not: int8)."""
+    hf = hf_model(hf_config(dim=64, layers=2, vocab=96))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and p.shape[1] % 32 == 0 and "embed" not in name:
+                p.copy_(snap_to_grid(p))
+    ref_model, q_model = lola_model(hf), lola_model(hf)
+    quantize_model(q_model, "int4")
+    kinds = [type(layer).__name__ for layer in int8_layers(q_model)]
+    assert kinds == ["Int4Linear", "Int4Linear", "Int4Linear", "Int8Linear"] * 2 + ["Int4Linear"]  # LM head: on grid
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = ref_model(ids, ref_model.new_memory(), all_logits=True)
+        prefill = q_model(ids, q_model.new_memory(), all_logits=True)
+        memory = q_model.new_memory()
+        decode = torch.cat([q_model(ids[:, i : i + 1], memory) for i in range(ids.shape[1])], dim=1)
+    assert rel_err(prefill, ref) < 0.03 and rel_err(decode, ref) < 0.05
+
+
+def test_real_model_int4_is_the_gguf_grid(real_gguf):
+    """Every Q4_1 matrix keeps its codes (the tied LM head, Q8_0, goes int8); logits track float closer than int8."""
+    text = "The tide came in slowly over the flat sand, and the children ran back to the dunes. " * 3
+    engines = {q: lolachat.load(str(real_gguf), device="cpu", dtype="float32", sparse=None, quant=q)
+               for q in ("none", "int8", "int4")}
+    int4 = engines["int4"].model
+    blocks = int8_layers(int4)[:-1]
+    assert blocks and all(isinstance(layer, Int4Linear) for layer in blocks)
+    ids = engines["none"].tokenizer.encode(text)
+    ref = engines["none"].logits(ids)
+    errors = {}
+    for q in ("int8", "int4"):
+        memory = engines[q].new_memory()
+        with torch.inference_mode():  # one token at a time: the kernels
+            decode = torch.cat([engines[q].model(torch.tensor([[t]]), memory)[0] for t in ids])
+        errors[q] = rel_err(decode, ref)
+        assert (decode.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+    assert errors["int4"] < errors["int8"] < 0.08, errors
 
 
 def test_real_model_int8_agrees_with_float(real_gguf):
