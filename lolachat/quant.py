@@ -30,6 +30,7 @@ INT4_GROUP = 32
 INT4_ROW_MULTIPLE = 16  # torch's int4 packing wants the row count a multiple of 16
 # A group is on a 4-bit grid when refitting one reproduces every weight to this fraction of its step.
 GRID_TOLERANCE = 1e-3
+GRID_CHECK_ROWS = 1024
 
 
 def resolve_quant(quant: str | None, device: torch.device) -> str:
@@ -123,6 +124,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _grid_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """4-bit codes [N, K] (uint8), scales and minimums [N, K / group] of a weight on a 4-bit grid, else None."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = (high - low) / 15
+    step = scales.clamp_min(1e-30).unsqueeze(-1)
+    codes = torch.round((w - low.unsqueeze(-1)) / step).clamp(0, 15)
+    if ((codes * step + low.unsqueeze(-1) - w).abs() > GRID_TOLERANCE * step).any():
+        return None
+    return codes.view(n, k).to(torch.uint8), scales, low
+
+
 class Int4Linear(nn.Module):
     """A bias-free linear layer holding 4-bit codes per group of INT4_GROUP weights along a row:
     w = q · scale + minimum, q in [0, 15]. Build it with `Int4Linear.from_grid` (None when the weight is
@@ -146,14 +160,13 @@ class Int4Linear(nn.Module):
         n, k = weight.shape
         if k % INT4_GROUP or n % INT4_ROW_MULTIPLE:
             return None
-        w = weight.detach().float().view(n, k // INT4_GROUP, INT4_GROUP)
-        low, high = w.amin(dim=-1), w.amax(dim=-1)
-        scales = (high - low) / 15
-        step = scales.clamp_min(1e-30).unsqueeze(-1)
-        codes = torch.round((w - low.unsqueeze(-1)) / step).clamp(0, 15)
-        if ((codes * step + low.unsqueeze(-1) - w).abs() > GRID_TOLERANCE * step).any():
+        # Row blocks bound the float temporaries (an LM head has 28M weights), and an off-grid matrix
+        # is usually refused at its first block.
+        blocks = [_grid_codes(rows) for rows in weight.detach().split(GRID_CHECK_ROWS)]
+        if any(block is None for block in blocks):
             return None
-        return cls(codes.view(n, k).to(torch.uint8), scales, low, weight.dtype)
+        codes, scales, minimums = (torch.cat(parts) for parts in zip(*blocks))
+        return cls(codes, scales, minimums, weight.dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         codes = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).view(self.out_features, -1, INT4_GROUP)
