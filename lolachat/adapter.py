@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +31,15 @@ class Adapter:
     @property
     def phi_input(self) -> str:
         return self.metadata.get("phi_input", "pre_rope")
+
+    def digest(self) -> str:
+        """Short sha256 of the trained tensors: a saved LoLA state only makes sense with the maps that made it."""
+        h = hashlib.sha256()
+        tensors = [t for layer in self.layers for t in (layer.phi_q, layer.phi_k, layer.window_factor)]
+        tensors += [self.lora[name] for name in sorted(self.lora)]
+        for t in tensors:
+            h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def experimental(self) -> bool:

@@ -82,6 +82,7 @@ class EngineInfo:
     selection: str | None = None  # sparse-cache selection per query "head" or per KV-head "group"
     sinks: int | None = None  # first tokens never evicted
     state_halflife: int | None = None  # linear state fading (0 = never)
+    adapter_sha256: str | None = None  # Adapter.digest() of the feature maps in use
     quant: str = "none"  # "int8": weight-only int8 linear layers (lolachat.quant)
 
 
@@ -262,7 +263,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
         device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
         window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
         selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
-        state_halflife=cfg.state_halflife if cfg else None,
+        state_halflife=cfg.state_halflife if cfg else None, adapter_sha256=adapter.digest() if cfg else None,
         max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None, quant=quant,
     )
     stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(tokenizer)))

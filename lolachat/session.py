@@ -20,7 +20,7 @@ SESSION_FORMAT = 1
 METADATA_KEY = "lolachat_session"
 # Settings a saved state depends on: resuming under different ones would silently compute garbage.
 STATE_KEYS = ("weights_sha256", "mode", "window", "sparse", "mix", "max_distance", "phi_input", "selection", "sinks",
-              "state_halflife")
+              "state_halflife", "adapter_sha256")
 # What a LoLA session saved before a key existed ran with (older files lack these keys).
 STATE_DEFAULTS = {"selection": "head", "sinks": 0, "state_halflife": 0}
 DOCUMENT_MARK = "\x00lolachat-document\x00"
@@ -228,7 +228,8 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
     for key in STATE_KEYS:
         was = saved.get(key, STATE_DEFAULTS.get(key) if lola else None)
         if was != current.get(key):
+            saved_as = f"{key}={was!r}" if key in saved or key in STATE_DEFAULTS else f"no {key} (an older lolachat)"
             raise LolachatError(
-                f"session {path} was saved with {key}={was!r} but the engine runs "
-                f"{key}={current.get(key)!r}; load it with the same model and LoLA settings"
+                f"session {path} was saved with {saved_as} but the engine runs "
+                f"{key}={current.get(key)!r}; load it with the same model, adapter and LoLA settings"
             )

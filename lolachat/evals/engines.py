@@ -59,7 +59,7 @@ class EngineFactory:
             window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
             max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
             selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
-            state_halflife=cfg.state_halflife if cfg else None,
+            state_halflife=cfg.state_halflife if cfg else None, adapter_sha256=adapter.digest() if cfg else None,
         )
         return Engine(net, self.tokenizer, info, self.stop_ids)
 

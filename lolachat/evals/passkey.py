@@ -117,7 +117,7 @@ def summarize(results: list[dict], task: str, lengths: Sequence[int], depths: Se
             "needle_kept": round(sum(kept) / len(kept), 4) if kept else None,
             "seconds_per_sample": round(sum(r["seconds"] for r in rows) / len(rows), 3) if rows else None,
         }
-        if rows:
+        if rows and "memory" in rows[0]:
             memory[str(length)] = rows[0]["memory"]
     overall = _mean([r["score"] for r in results])
     return {"task": task, "lengths": list(lengths), "depths": list(depths), "score": overall,
