@@ -29,7 +29,8 @@ def describe_model(spec: str) -> dict:
             "tied_embeddings": args.tie_embeddings,
         },
         "lola": {"mode": "lola" if local.adapter else "exact (no adapter)", "window": window, "sparse": sparse,
-                 "selection": selection, "max_distance": manifest.get("max_distance", args.max_position // 2)},
+                 "selection": selection, "state_halflife": int(manifest.get("state_halflife", 0)),
+                 "max_distance": manifest.get("max_distance", args.max_position // 2)},
         "memory_bf16": {},
     }
     for length in REPORT_LENGTHS:

@@ -139,6 +139,7 @@ def _setting(engine) -> str:
         return "exact attention"
     variant = "" if info.selection in (None, "head") else f", {info.selection} selection"
     variant += f", {info.sinks} sinks" if info.sinks else ""
+    variant += f", state half-life {info.state_halflife}" if info.state_halflife else ""
     return f"{info.mode} (C={info.window}, λ={info.sparse}{variant}, mix {info.mix}, φ {info.phi_input})"
 
 
