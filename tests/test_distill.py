@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from lolachat.distill_data import collect, load_corpus, prepare, save_corpus
 from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope
 
 B, H, HKV, D, HALF, C = 2, 4, 2, 8, 6, 8
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_qkv(t: int, seed: int = 0):
@@ -160,6 +163,11 @@ def test_distillation_lowers_the_loss_and_writes_a_loadable_adapter(tiny_folder,
     assert isinstance(reply, str)
     stage1 = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", adapter=str(stage1_path(out)))
     assert stage1.info.mode == "lola"
+    pytest.importorskip("matplotlib")
+    plotter = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_training.py"), str(out),
+                              str(tmp_path / "curves.png")], capture_output=True, text=True, timeout=120)
+    assert plotter.returncode == 0, plotter.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # curves from the file's metadata
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_folder, text_file, tmp_path):
