@@ -180,7 +180,7 @@ class Engine:
             return {"tokens_seen": tokens, "window_tokens": tokens, "sparse_tokens": 0, "linear_tokens": 0,
                     "state_bytes": 0, "window_bytes": kv, "sparse_bytes": 0, "cache_bytes": kv,
                     "full_kv_bytes": full_kv, "evictions": 0}
-        parts = {"window": 0, "sparse": 0, "state": 0}
+        parts = {"window": 0, "sparse": 0, "state": 0, "decode": 0}
         for layer in memory.layers:
             for name, size in layer.nbytes().items():
                 parts[name] += size
@@ -192,6 +192,7 @@ class Engine:
             "state_bytes": parts["state"],
             "window_bytes": parts["window"],
             "sparse_bytes": parts["sparse"],
+            "decode_bytes": parts["decode"],  # the CPU decode path's working copy (lolachat.lola_decode)
             "cache_bytes": sum(parts.values()),
             "full_kv_bytes": full_kv,
             "evictions": layer0.evictions,

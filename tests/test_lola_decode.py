@@ -108,3 +108,18 @@ def test_rope_at_one_position_matches_the_table():
     for pos in (0, 7, 5000):
         cos, sin_signed = rope.at(pos)
         torch.testing.assert_close(rotate(x, cos, sin_signed), rope.rotate(x, torch.tensor([pos])), atol=0, rtol=0)
+
+
+def test_the_decode_bank_is_counted_in_the_memory_it_holds():
+    """The fast path's float32 copy of cache + window is memory too: nbytes reports it once it exists."""
+    cfg = LolaConfig(chunk=4, sparse=6, selection="group")
+    attn, mem = layer(cfg)
+    q, k, v = inputs(20)
+    attn.attend(mem, q[:, :, :12], k[:, :, :12], v[:, :, :12], 0)
+    assert mem.nbytes()["decode"] == 0
+    for t in range(12, 20):
+        attn.attend(mem, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], t)
+    bank = mem.decode_bank
+    rows = mem.sparse_k.shape[2] + mem.window_k.shape[2]
+    assert bank.keys.shape == (1, KV_HEADS, rows, D)  # one bank row per KV head with group selection
+    assert mem.nbytes()["decode"] == 4 * (KV_HEADS * rows * (2 * D + 1) + HEADS * 2 * HALF * (D + 1)) > 0

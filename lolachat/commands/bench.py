@@ -24,8 +24,8 @@ def register(sub) -> None:
                         "on the weights)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--quant", choices=["auto", "none", "int8"], default="auto",
-                   help="our engines' linear-layer weights: int8 or none; auto = int8 on the CPU "
+    p.add_argument("--quant", choices=["auto", "none", "int8", "int4"], default="auto",
+                   help="our engines' linear-layer weights: int4, int8 or none; auto = int4 on the CPU "
                         "(transformers and llama.cpp keep their own)")
     p.add_argument("--lengths", help="context lengths, e.g. 1K,4K,8K,32K (default: CPU 1K,4K,8K,32K; "
                                      "GPU 1K..128K)")

@@ -12,9 +12,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and memory")
     g.add_argument("--device", help="auto, cpu or cuda (default: config runtime.device)")
     g.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
-    g.add_argument("--quant", choices=["auto", "none", "int8"],
-                   help="weights of the linear layers: int8 (CPU; a quarter of float32's bytes) or none; "
-                        "auto = int8 on the CPU (default: config runtime.quant)")
+    g.add_argument("--quant", choices=["auto", "none", "int8", "int4"],
+                   help="weights of the linear layers (CPU): int4 (a GGUF's 4-bit blocks kept as they are, "
+                        "int8 for the other matrices), int8, or none; auto = int4 on the CPU "
+                        "(default: config runtime.quant)")
     g.add_argument("--window", type=int, help="LoLA chunk size C (window of C+1..2C tokens)")
     g.add_argument("--sparse", type=int, help="LoLA sparse-cache capacity λ per head (0 = window + linear only)")
     g.add_argument("--mix", choices=["lola", "lolcats"], help="how softmax and linear parts combine")
