@@ -15,7 +15,7 @@ import lolachat
 from lolachat.cli import main
 from lolachat.evals.niah import NOISE_SENTENCES, TASKS, build_prompt
 from lolachat.evals.passkey import run_passkey, summarize
-from lolachat.evals.ppl import perplexity
+from lolachat.evals.ppl import perplexity, token_windows
 from lolachat.evals.scoring import postprocess_pred, sample_score, string_match_all
 
 CHATML = (
@@ -200,6 +200,24 @@ def test_perplexity_matches_full_logits_and_exact_equals_large_cache(tiny_folder
         perplexity(exact, ids[:100], context=150)
 
 
+def test_aligned_windows_score_the_same_tokens_at_every_context(tiny_folder, tokenizer):
+    ids = list(range(1000))
+    assert token_windows(ids, 100, 3) == [ids[0:100], ids[100:200], ids[200:300]]
+    aligned = token_windows(ids, 100, 3, align_to=400)
+    assert aligned == [ids[300:400], ids[700:800]]  # only two windows of 400 fit
+    assert [w[-1] for w in token_windows(ids, 400, 3, align_to=400)] == [w[-1] for w in aligned]
+    with pytest.raises(lolachat.LolachatError, match="cannot align"):
+        token_windows(ids, 400, 3, align_to=100)
+    # a context as long as the alignment span scores exactly what the unaligned run scores
+    exact = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", sparse=None)
+    text = tokenizer.encode(_TEXT * 6, add_special_tokens=False)
+    one = perplexity(exact, text, context=150, tail=40, samples=2)
+    assert perplexity(exact, text, context=150, tail=40, samples=2, align_to=150)["ppl"] == one["ppl"]
+    # a shorter aligned window scores the same tokens with less before them
+    short = perplexity(exact, text, context=60, tail=40, samples=2, align_to=150)
+    assert short["aligned_to"] == 150 and short["windows"] == 2 and short["ppl"] != one["ppl"]
+
+
 # --------------------------------------------------------------------------------------------- the CLI
 
 
@@ -223,6 +241,9 @@ def test_eval_commands(tiny_folder, tmp_path, capsys):
                  "--mode", "exact", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["context"] for r in result["results"]] == [100, 200] and result["engine"]["mode"] == "exact"
+    assert main(["eval", "ppl", str(tiny_folder), "--file", str(text), "--context", "100,200", "--tail", "30",
+                 "--mode", "exact", "--device", "cpu", "--aligned"]) == 0
+    assert "windows aligned to 200 tokens" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [

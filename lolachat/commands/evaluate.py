@@ -43,6 +43,9 @@ def register(sub) -> None:
     pp.add_argument("--context", default="1K", help="context length(s) in tokens, e.g. 1K,4K,16K")
     pp.add_argument("--tail", type=int, default=512, help="tokens scored at the end of each window")
     pp.add_argument("--samples", type=int, default=8, help="windows per context length (at most)")
+    pp.add_argument("--aligned", action="store_true",
+                    help="every context length scores the same tokens: its windows end where the longest "
+                         "context's windows end (so lengths differ only in how much they see)")
     _common(pp)
     pp.set_defaults(handler=ppl_command)
 
@@ -209,17 +212,19 @@ def ppl_command(args: argparse.Namespace) -> int:
     engine = _engine(args)
     ids = engine.tokenizer.encode(document.text, add_special_tokens=False)
     results = []
+    align_to = max(contexts) if args.aligned else None
     for context in contexts:
         with count_progress(f"ppl @ {context}") as progress:
             results.append(perplexity(engine, ids, context, tail=args.tail, samples=args.samples,
-                                      progress=progress))
+                                      progress=progress, align_to=align_to))
     out = {"engine": engine.describe(), "file": str(args.file), "file_tokens": len(ids), "results": results}
     if args.out:
         _write_json(args.out, out)
     if args.json:
         print_json(out)
     else:
-        print(f"perplexity · {engine.info.model} · {_setting(engine)} · {args.file}")
+        aligned = f" · windows aligned to {align_to} tokens" if align_to else ""
+        print(f"perplexity · {engine.info.model} · {_setting(engine)} · {args.file}{aligned}")
         rows = [[str(r["context"]), str(r["tail"]), str(r["windows"]), f"{r['ppl']:.3f}"] for r in results]
         print("\n".join(_table(["context", "tail", "windows", "ppl"], rows)))
     return 0

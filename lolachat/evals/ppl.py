@@ -3,7 +3,8 @@
 The token stream is cut into consecutive, non-overlapping windows of `context` tokens; each window is fed
 from a fresh memory and scored on its last `tail` tokens, each predicted from everything before it in the
 window. So the number says how well the model predicts text `context − tail` .. `context` tokens into a
-stream, which is where a bounded memory shows (or hides) its losses.
+stream, which is where a bounded memory shows (or hides) its losses. Windows of different lengths score
+different text unless aligned (`align_to`): then they all end where the longest ones end.
 """
 
 from __future__ import annotations
@@ -18,14 +19,22 @@ from lolachat.errors import BadInput
 BLOCK = 1024  # tokens per forward pass: bounds the [block, vocab] logits held at once
 
 
-def token_windows(ids: Sequence[int], context: int, samples: int | None) -> list[list[int]]:
-    """Consecutive windows of `context` tokens (at most `samples` of them)."""
-    count = len(ids) // context
+def token_windows(ids: Sequence[int], context: int, samples: int | None,
+                  align_to: int | None = None) -> list[list[int]]:
+    """Windows of `context` tokens (at most `samples` of them).
+
+    By default consecutive: window i is tokens [i·context, (i+1)·context). With `align_to` = L ≥ context,
+    window i ends where the i-th window of L tokens ends, at (i+1)·L: every context length then scores
+    the same tokens, so a difference between lengths is the context's doing and not the text's."""
+    span = align_to or context
+    if span < context:
+        raise BadInput(f"cannot align windows of {context} tokens to shorter ones of {span}")
+    count = len(ids) // span
     if samples is not None:
         count = min(count, samples)
     if count == 0:
-        raise BadInput(f"the text has {len(ids)} tokens, fewer than one context of {context}")
-    return [list(ids[i * context : (i + 1) * context]) for i in range(count)]
+        raise BadInput(f"the text has {len(ids)} tokens, fewer than one context of {span}")
+    return [list(ids[(i + 1) * span - context : (i + 1) * span]) for i in range(count)]
 
 
 @torch.inference_mode()
@@ -50,14 +59,15 @@ def window_nll(engine, window: Sequence[int], tail: int) -> tuple[float, int]:
 
 
 def perplexity(engine, ids: Sequence[int], context: int, tail: int = 512, samples: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict:
-    """Perplexity of the last `tail` tokens of `samples` windows of `context` tokens of `ids`."""
+               progress: Callable[[int, int], None] | None = None, align_to: int | None = None) -> dict:
+    """Perplexity of the last `tail` tokens of `samples` windows of `context` tokens of `ids`
+    (windows ending where those of `align_to` tokens end, if given: see `token_windows`)."""
     if context < 2:
         raise BadInput("the context must be at least 2 tokens")
     tail = min(tail, context - 1)
     if tail < 1:
         raise BadInput("--tail must be at least 1")
-    windows = token_windows(ids, context, samples)
+    windows = token_windows(ids, context, samples, align_to)
     per_window = []
     nll = 0.0
     count = 0
@@ -69,5 +79,5 @@ def perplexity(engine, ids: Sequence[int], context: int, tail: int = 512, sample
         if progress:
             progress(i + 1, len(windows))
     mean = nll / count
-    return {"context": context, "tail": tail, "windows": len(windows), "tokens_scored": count,
+    return {"context": context, "tail": tail, "windows": len(windows), "aligned_to": align_to, "tokens_scored": count,
             "nll": round(mean, 6), "ppl": round(math.exp(mean), 4), "per_window_ppl": per_window}
