@@ -330,7 +330,8 @@ class OurEngine:
             n = sum(1 for _ in self.engine.generate(memory, logits, decode_tokens, GREEDY))
         stats = self.engine.memory_stats(memory)
         out = {"prefill_s": pre.seconds, "decode_s": dec.seconds, "decode_tokens": n,
-               "peak_bytes": max(pre.peak_bytes, dec.peak_bytes), "state_bytes": stats["cache_bytes"]}
+               "peak_bytes": max(pre.peak_bytes, dec.peak_bytes), "state_bytes": stats["cache_bytes"],
+               "decode_copy_bytes": stats.get("decode_bytes", 0)}
         if hasattr(memory, "graphs"):
             out["graphs"] = sorted(str(k) for k in memory.graphs if not str(k).startswith("error:"))
             errors = {str(k): v for k, v in memory.graphs.items() if str(k).startswith("error:")}

@@ -16,6 +16,7 @@ import torch
 from lolachat.adapter import Adapter, identity_adapter, load_adapter
 from lolachat.errors import BadInput, LolachatError
 from lolachat.lola import LolaConfig
+from lolachat.lola_decode import bank_nbytes
 from lolachat.model import Llama, ModelMemory
 from lolachat.quant import quantize_model, resolve_quant
 from lolachat.sampling import Sampler, SamplingOptions
@@ -180,7 +181,7 @@ class Engine:
             return {"tokens_seen": tokens, "window_tokens": tokens, "sparse_tokens": 0, "linear_tokens": 0,
                     "state_bytes": 0, "window_bytes": kv, "sparse_bytes": 0, "cache_bytes": kv,
                     "full_kv_bytes": full_kv, "evictions": 0}
-        parts = {"window": 0, "sparse": 0, "state": 0, "decode": 0}
+        parts = {"window": 0, "sparse": 0, "state": 0}
         for layer in memory.layers:
             for name, size in layer.nbytes().items():
                 parts[name] += size
@@ -192,8 +193,10 @@ class Engine:
             "state_bytes": parts["state"],
             "window_bytes": parts["window"],
             "sparse_bytes": parts["sparse"],
-            "decode_bytes": parts["decode"],  # the CPU decode path's working copy (lolachat.lola_decode)
             "cache_bytes": sum(parts.values()),
+            # the CPU decode path's float32 working copy of cache + window (lolachat.lola_decode): derived
+            # from the memory, rebuilt when needed, not saved; bounded by λ and C like the memory itself
+            "decode_bytes": sum(bank_nbytes(layer) for layer in memory.layers),
             "full_kv_bytes": full_kv,
             "evictions": layer0.evictions,
         }

@@ -249,9 +249,7 @@ class LolaLayerMemory:
         window = self.window_k.nbytes + self.window_v.nbytes + self.window_k_rot.nbytes
         sparse = self.sparse_k.nbytes + self.sparse_v.nbytes + self.sparse_pos.nbytes + self.sparse_k_rot.nbytes
         state = self.h.nbytes + self.s.nbytes
-        bank = getattr(self, "decode_bank", None)  # lola_decode's float32 copy of cache + window, once decoding
-        decode = bank.keys.nbytes + bank.values.nbytes + bank.state.nbytes if bank is not None else 0
-        return {"window": window, "sparse": sparse, "state": state, "decode": decode}
+        return {"window": window, "sparse": sparse, "state": state}
 
     _FIELDS = ("window_k", "window_v", "sparse_k", "sparse_v", "sparse_pos", "h", "s")
     _COUNTERS = ("window_start", "window_len", "has_prev", "folded", "evictions")

@@ -72,6 +72,12 @@ def build_bank(mem: LolaLayerMemory) -> DecodeBank:
     return DecodeBank(keys, values, state, n, n + window, _source(mem))
 
 
+def bank_nbytes(mem) -> int:
+    """Bytes of a memory's decode bank (0 before its first decoded token, and for memories without one)."""
+    bank = getattr(mem, "decode_bank", None)
+    return bank.keys.nbytes + bank.values.nbytes + bank.state.nbytes if bank is not None else 0
+
+
 def _heads_view(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, Hs, N, D] viewed as [B, Hkv, Hs/Hkv, N, D] (a write of one KV head's row reaches all its copies)."""
     return x.unflatten(1, (kv_heads, -1))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope
-from lolachat.lola_decode import rotate
+from lolachat.lola_decode import bank_nbytes, rotate
 
 HEADS, KV_HEADS, D, HALF = 6, 2, 8, 6
 
@@ -111,15 +111,16 @@ def test_rope_at_one_position_matches_the_table():
 
 
 def test_the_decode_bank_is_counted_in_the_memory_it_holds():
-    """The fast path's float32 copy of cache + window is memory too: nbytes reports it once it exists."""
+    """The fast path's float32 copy of cache + window is memory too: reported once it exists (memory_stats'
+    decode_bytes, apart from the memory's own cache_bytes)."""
     cfg = LolaConfig(chunk=4, sparse=6, selection="group")
     attn, mem = layer(cfg)
     q, k, v = inputs(20)
     attn.attend(mem, q[:, :, :12], k[:, :, :12], v[:, :, :12], 0)
-    assert mem.nbytes()["decode"] == 0
+    assert bank_nbytes(mem) == 0
     for t in range(12, 20):
         attn.attend(mem, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], t)
     bank = mem.decode_bank
     rows = mem.sparse_k.shape[2] + mem.window_k.shape[2]
     assert bank.keys.shape == (1, KV_HEADS, rows, D)  # one bank row per KV head with group selection
-    assert mem.nbytes()["decode"] == 4 * (KV_HEADS * rows * (2 * D + 1) + HEADS * 2 * HALF * (D + 1)) > 0
+    assert bank_nbytes(mem) == 4 * (KV_HEADS * rows * (2 * D + 1) + HEADS * 2 * HALF * (D + 1)) > 0
