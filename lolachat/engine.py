@@ -179,7 +179,7 @@ class Engine:
         if memory.exact:
             kv = sum(layer.nbytes() for layer in memory.layers)
             return {"tokens_seen": tokens, "window_tokens": tokens, "sparse_tokens": 0, "linear_tokens": 0,
-                    "state_bytes": 0, "window_bytes": kv, "sparse_bytes": 0, "cache_bytes": kv,
+                    "state_bytes": 0, "window_bytes": kv, "sparse_bytes": 0, "cache_bytes": kv, "decode_bytes": 0,
                     "full_kv_bytes": full_kv, "evictions": 0}
         parts = {"window": 0, "sparse": 0, "state": 0}
         for layer in memory.layers:
