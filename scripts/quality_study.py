@@ -85,6 +85,8 @@ def drive(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/quality_study") if args.device == "cuda" else out / "workers"
     work.mkdir(parents=True, exist_ok=True)
+    for stale in work.glob("w*-*.json"):  # an earlier run's file must not stand in for a worker that failed
+        stale.unlink()
     mps = start_mps() if args.device == "cuda" else None
     started = time.time()
     deadline = started + args.seconds - 25  # leave time to merge
