@@ -254,12 +254,20 @@ def evict_compete(
     return keep
 
 
+def group_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Per-query-head eviction scores [B,H,N] -> one per group of `group` consecutive heads [B,H/group,N].
+
+    Max, not sum: a pair stays when any head of the group cannot recall it, which is what a head
+    that retrieves through that pair needs; a sum would let two heads that recall it well outvote
+    the one that depends on it (research/lola.md §6.2 measured max)."""
+    return scores if group == 1 else scores.unflatten(1, (-1, group)).amax(dim=2)
+
+
 def group_max(scores: torch.Tensor, group: int) -> torch.Tensor:
-    """scores [B,H,N] -> each head's entry replaced by the maximum over its group of `group` heads."""
+    """scores [B,H,N] -> each head's entry replaced by its group's score (`group_scores`), for per-head buffers."""
     if group == 1:
         return scores
-    grouped = scores.unflatten(1, (-1, group)).amax(2, keepdim=True)
-    return grouped.expand(-1, -1, group, -1).flatten(1, 2).contiguous()
+    return group_scores(scores, group).repeat_interleave(group, dim=1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,7 +37,7 @@ from lolachat.engine import Timer
 from lolachat.lola import ExactLayerMemory, LolaConfig, Rope
 from lolachat.model import Llama, ModelMemory, rope_inv_freq
 from lolachat.model_args import ModelArgs
-from lolachat.quant import int8_layers, quantize_model, resolve_quant
+from lolachat.quant import quantize_model, quantized_layers, resolve_quant
 from lolachat.sampling import SamplingOptions
 
 GREEDY = SamplingOptions(temperature=0.0, top_k=0, top_p=1.0)
@@ -245,15 +245,15 @@ def weight_matrices(model: Llama) -> list[torch.Tensor]:
 def gemv_chain(model: Llama, reps: int = 20) -> dict:
     """Seconds for one batch-1 pass over every weight matrix (in a CUDA graph on a GPU): the ceiling.
 
-    With int8 weights (lolachat.quant) the pass runs the int8 layers themselves, as decode does."""
+    With quantized weights (lolachat.quant) the pass runs the quantized layers themselves, as decode does."""
     if model.quant == "none":
         mats = weight_matrices(model)
         steps = [(functools.partial(F.linear, weight=w), w.shape[1]) for w in mats]
         nbytes = sum(w.numel() * w.element_size() for w in mats)
     else:
-        layers = int8_layers(model)
+        layers = quantized_layers(model)
         steps = [(layer, layer.in_features) for layer in layers]
-        nbytes = sum(t.numel() * t.element_size() for layer in layers for t in (layer.qweight, layer.scales))
+        nbytes = sum(layer.weight_bytes for layer in layers)
     p = next(model.parameters())
     with torch.inference_mode():
         return _gemv_chain(steps, nbytes, p.device, p.dtype, reps)

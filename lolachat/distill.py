@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lolachat.adapter import INIT_WINDOW_FACTOR, Adapter, save_adapter
 from lolachat.errors import BadInput
 from lolachat.kernels import reference as ref
-from lolachat.lola import LayerAdapter, expand_heads, group_scores
+from lolachat.lola import LayerAdapter, expand_heads
 
 CHECKPOINT_VERSION = 1
 StepCallback = Callable[[str, int, int, float], None]  # (stage, step, planned steps, loss)
@@ -214,7 +214,7 @@ def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, i
     Replays DESIGN §4.4 over the chunks: chunk j leaves the window when chunk j+1 is complete, is appended
     while there is room, and otherwise competes with the cache by self-recall error against the linear
     state, the losers folded in; with `selection="group"` every head of a KV-head group keeps the group's
-    set (lola.group_scores). Returns (idx [B,H,N,S], valid [1,1,N,S]) or None when no query ever sees
+    set (reference.group_scores). Returns (idx [B,H,N,S], valid [1,1,N,S]) or None when no query ever sees
     a cached pair.
     """
     b, _, t, _ = k_pre.shape
@@ -241,7 +241,7 @@ def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, i
             cand = torch.cat([cache, new], dim=-1)
             cand_fk, cand_v = ref.gather_tokens(fk, cand), ref.gather_tokens(vv, cand)
             scores = ref.self_recall_error(cand_fk, cand_v, h_state, s_state)
-            keep, drop = (expand_heads(x, group) for x in ref.select_keep(group_scores(scores, group), capacity))
+            keep, drop = (expand_heads(x, group) for x in ref.select_keep(ref.group_scores(scores, group), capacity))
             ref.fold(ref.gather_tokens(cand_fk, drop), ref.gather_tokens(cand_v, drop), h_state, s_state)
             cache = ref.gather_tokens(cand, keep)
         sizes[j + 2] = cache.shape[-1]

@@ -115,15 +115,6 @@ def grouped_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out.view(b, h, t, out.shape[-1])
 
 
-def group_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
-    """Per-query-head eviction scores [B,H,N] -> one per KV-head group [B,H/group,N].
-
-    Max, not sum: a pair stays when any head of the group cannot recall it, which is what a head
-    that retrieves through that pair needs; a sum would let two heads that recall it well outvote
-    the one that depends on it (research/lola.md §6.2 measured max)."""
-    return scores if group == 1 else scores.unflatten(1, (-1, group)).amax(dim=2)
-
-
 def fade_state(h_state: torch.Tensor, s_state: torch.Tensor, cfg: LolaConfig) -> None:
     """Before a chunk competes and folds: the old contents of the linear state fade (cfg.state_halflife)."""
     fade = cfg.state_fade()
@@ -404,7 +395,7 @@ class LolaAttention:
         k_heads, v_heads, pos_heads = (expand_heads(x, group) for x in (cand_k, cand_v, cand_pos))
         phi_k = self.phi(k_heads, pos_heads, self.adapter.phi_k)
         scores = ref.self_recall_error(phi_k, v_heads, mem.h, mem.s)
-        keep, drop = ref.select_keep(group_scores(scores, group), self.cfg.sparse)
+        keep, drop = ref.select_keep(ref.group_scores(scores, group), self.cfg.sparse)
         drop = expand_heads(drop, group)
         ref.fold(ref.gather_tokens(phi_k, drop), ref.gather_tokens(v_heads, drop), mem.h, mem.s)
         mem.folded += drop.shape[-1]

@@ -106,6 +106,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(weight.dtype))
         self.register_buffer("kernel_scales", scales.to(torch.bfloat16))  # the kernel wants the input's dtype
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the decode kernel reads per call."""
+        return self.qweight.nbytes + self.kernel_scales.nbytes
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight[:, : self.in_features].to(dtype) * self.scales[:, None].to(dtype)
 
@@ -167,6 +172,11 @@ class Int4Linear(nn.Module):
             return None
         codes, scales, minimums = (torch.cat(parts) for parts in zip(*blocks))
         return cls(codes, scales, minimums, weight.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the decode kernel reads per call."""
+        return self.qweight.nbytes + self.kernel_scales.nbytes
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         codes = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).view(self.out_features, -1, INT4_GROUP)
@@ -237,7 +247,7 @@ def quantize_model(model, quant: str) -> None:
     model.quant = quant
 
 
-def int8_layers(model) -> list[nn.Module]:
+def quantized_layers(model) -> list[nn.Module]:
     """The quantized (int8 or int4) layers in the order a forward pass runs them, LM head last."""
     layers = [layer for block in model.model.layers
               for layer in (block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj,

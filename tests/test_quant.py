@@ -12,7 +12,7 @@ from tiny_chat_model import build
 import lolachat
 from lolachat import quant
 from lolachat.errors import BadInput, LolachatError
-from lolachat.quant import KERNEL_ROWS, Int4Linear, Int8Linear, int8_layers, quantize_model, resolve_quant
+from lolachat.quant import KERNEL_ROWS, Int4Linear, Int8Linear, quantize_model, quantized_layers, resolve_quant
 
 CPU = torch.device("cpu")
 REAL_PROBE = quant.int8_kernel_is_fast
@@ -56,7 +56,7 @@ def test_model_logits_with_int8_stay_close(monkeypatch):
         embedding = q_model.model.embed_tokens.weight.clone()
         quantize_model(q_model, "int8")
         assert q_model.quant == "int8" and isinstance(q_model.lm_head, Int8Linear)
-        assert len(int8_layers(q_model)) == 4 * 3 + 1  # q,k,v and gate,up fused
+        assert len(quantized_layers(q_model)) == 4 * 3 + 1  # q,k,v and gate,up fused
         assert torch.equal(q_model.model.embed_tokens.weight, embedding)  # the lookup stays exact
         ids = torch.randint(0, 211, (1, 48), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -227,7 +227,7 @@ def test_lola_model_with_int4_weights_on_a_grid():
                 p.copy_(snap_to_grid(p))
     ref_model, q_model = lola_model(hf), lola_model(hf)
     quantize_model(q_model, "int4")
-    kinds = [type(layer).__name__ for layer in int8_layers(q_model)]
+    kinds = [type(layer).__name__ for layer in quantized_layers(q_model)]
     assert kinds == ["Int4Linear", "Int4Linear", "Int4Linear", "Int8Linear"] * 2 + ["Int4Linear"]  # LM head: on grid
     ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -244,7 +244,7 @@ def test_real_model_int4_is_the_gguf_grid(real_gguf):
     engines = {q: lolachat.load(str(real_gguf), device="cpu", dtype="float32", sparse=None, quant=q)
                for q in ("none", "int8", "int4")}
     int4 = engines["int4"].model
-    blocks = int8_layers(int4)[:-1]
+    blocks = quantized_layers(int4)[:-1]
     assert blocks and all(isinstance(layer, Int4Linear) for layer in blocks)
     ids = engines["none"].tokenizer.encode(text)
     ref = engines["none"].logits(ids)
