@@ -10,6 +10,8 @@ Fused steps (one launch for attention; score + sort + fold for eviction):
 - `evict_compete`   — the competing branch of eviction: score, keep top-λ, fold the rest into H, s.
 - `rms_norm`, `add_rms_norm` (residual add + norm), `silu_mul` — the steps between a layer's GEMVs.
 - `assemble_candidates`, `keep_and_shift` — eviction's data movement around `evict_compete`.
+- `norm_qkv`, `norm_linear`, `linear_add` — decode GEMVs with the norm, the window write, SiLU·mul or
+  the residual add fused in (one launch each).
 Building blocks with the reference's signatures: `hedgehog`, `self_recall_error`, `select_keep`,
 `fold`; and, PyTorch in both paths, `gather_tokens`, `sparse_logits`, `lola_combine`, `apply_rope`.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import reference as ref
 from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  # noqa: F401
@@ -26,9 +29,9 @@ from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  #
 try:
     import triton
 
-    from . import triton_attention, triton_eviction, triton_moves, triton_norm
+    from . import triton_attention, triton_eviction, triton_gemv, triton_moves, triton_norm
 except ImportError:  # no Triton on this platform: the reference serves everything
-    triton = triton_attention = triton_eviction = triton_moves = triton_norm = None
+    triton = triton_attention = triton_eviction = triton_gemv = triton_moves = triton_norm = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -59,16 +62,19 @@ def fold(phi_k: torch.Tensor, values: torch.Tensor, h_state: torch.Tensor, s_sta
     return ref.fold(phi_k, values, h_state, s_state)
 
 
-# The selection kernel unrolls its pairwise ranking over the candidates: on the H200 it compiled and ran
-# in microseconds for 320 candidates (λ = 256) but had not finished after three minutes for 1088 (λ = 1024).
-# Past this many candidates (rounded up to a power of two) the stable sort of the reference serves.
-SELECT_KERNEL_MAX = 512
+# Two selection kernels. The pairwise one unrolls its ranking over the candidates: on the H200 it ran in ~15 µs per
+# layer for 320 candidates (λ = 256) but had not compiled after three minutes for 1088 (λ = 1024). It serves up to
+# this many candidates (rounded up to a power of two); the radix search (`select_keep_radix`, any number of
+# candidates, written and tested under the interpreter, not yet timed on the GPU) serves longer rows.
+SELECT_PAIRWISE_MAX = 512
 
 
 def select_keep(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same keep as the reference; the Triton version lists drop in candidate order (see there)."""
-    if use_triton(scores) and triton.next_power_of_2(scores.shape[-1]) <= SELECT_KERNEL_MAX:
-        return triton_eviction.select_keep(scores, capacity)
+    """Same keep as the reference; the Triton versions list drop in candidate order (see there)."""
+    if use_triton(scores):
+        if triton.next_power_of_2(scores.shape[-1]) <= SELECT_PAIRWISE_MAX:
+            return triton_eviction.select_keep(scores, capacity)
+        return triton_eviction.select_keep_radix(scores, capacity)
     return ref.select_keep(scores, capacity)
 
 
@@ -145,6 +151,34 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     if use_triton(gate_up):
         return triton_norm.silu_mul(gate_up, out=out)
     return ref.silu_mul(gate_up, out=out)
+
+
+def fused_gemv(x: torch.Tensor) -> bool:
+    """Whether the fused GEMV kernels serve `x`: the Triton path, unless LOLACHAT_FUSED_GEMV=0 (then the
+    projections are cuBLAS and the steps around them the separate kernels, for comparison)."""
+    return use_triton(x) and os.environ.get("LOLACHAT_FUSED_GEMV") != "0"
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, silu: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    if fused_gemv(x):
+        return triton_gemv.norm_linear(x, norm_weight, eps, weight, silu=silu, out=out)
+    y = F.linear(rms_norm(x, norm_weight, eps), weight)
+    y = silu_mul(y) if silu else y
+    return y if out is None else out.copy_(y)
+
+
+def norm_qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wqkv: torch.Tensor, q_out: torch.Tensor,
+             window_k: torch.Tensor, window_v: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    if fused_gemv(x):
+        return triton_gemv.norm_qkv(x, norm_weight, eps, wqkv, q_out, window_k, window_v, slot)
+    return ref.qkv_into_window(F.linear(rms_norm(x, norm_weight, eps), wqkv), q_out, window_k, window_v, slot)
+
+
+def linear_add(y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if fused_gemv(x):
+        return triton_gemv.linear_add(y, weight, x)
+    return x.add_(F.linear(y, weight))
 
 
 def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k, window_v, start, cand_k, cand_v,

@@ -290,6 +290,38 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return torch.mul(torch.nn.functional.silu(gate), up, out=out)
 
 
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, silu: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """W · rms_norm(x); with `silu`, W = [gate; up] and the result is silu(gate) · up. Into `out` if given
+    (any float dtype: the result is rounded to x's dtype first)."""
+    y = torch.nn.functional.linear(rms_norm(x, norm_weight, eps), weight)
+    y = silu_mul(y) if silu else y
+    return y if out is None else out.copy_(y)
+
+
+def norm_qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wqkv: torch.Tensor, q_out: torch.Tensor,
+             window_k: torch.Tensor, window_v: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """One decode token per batch row (x [B,1,dim]): [q; k; v] = wqkv · rms_norm(x); q into q_out [B,1,H·D],
+    k and v into window slot `slot` (a one-element tensor) of window_k/window_v [B,Hkv,W,D]. Returns q_out."""
+    return qkv_into_window(torch.nn.functional.linear(rms_norm(x, norm_weight, eps), wqkv), q_out, window_k,
+                           window_v, slot)
+
+
+def qkv_into_window(qkv: torch.Tensor, q_out: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor,
+                    slot: torch.Tensor) -> torch.Tensor:
+    """Split [q; k; v] [B,1,·]: q into q_out, k and v into window slot `slot`. Returns q_out."""
+    b, n_kv, _, d = window_k.shape
+    q, k, v = qkv.split([q_out.shape[-1], n_kv * d, n_kv * d], dim=-1)
+    window_k.index_copy_(2, slot, k.reshape(b, n_kv, 1, d))
+    window_v.index_copy_(2, slot, v.reshape(b, n_kv, 1, d))
+    return q_out.copy_(q)
+
+
+def linear_add(y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x += W · y in place (a projection and the residual add after it); returns x."""
+    return x.add_(torch.nn.functional.linear(y, weight))
+
+
 def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k, window_v, start, cand_k, cand_v,
                         cand_pos) -> None:
     """Eviction's candidate list, in place: cand[:n] = the sparse cache's first n rows; cand[n:n+C] = the

@@ -164,6 +164,8 @@ class StaticMemory(ModelMemory):
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch, decoder.vocab, dtype=torch.float32, device=device)
         self.attn_out = torch.zeros(batch, decoder.n_heads, 1, decoder.head_dim, dtype=decoder.dtype, device=device)
+        self.q_out = torch.zeros(batch, 1, decoder.n_heads * decoder.head_dim, dtype=decoder.dtype, device=device)
+        self.mlp_act = torch.zeros(batch, 1, decoder.args.hidden_dim, dtype=decoder.dtype, device=device)
         self.temperature = torch.ones(1, dtype=torch.float32, device=device)
         self.top_p = torch.ones(1, dtype=torch.float32, device=device)
         self.generator = None if device.type == "cuda" else torch.Generator(device=device)
@@ -279,11 +281,13 @@ class StaticDecoder:
             h = ops.add_rms_norm(x, down, norms[i + 1].weight, norms[i + 1].eps)
         return h
 
+    def _head_weight(self) -> torch.Tensor:
+        m = self.model
+        return m.model.embed_tokens.weight if m.lm_head is None else m.lm_head.weight
+
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (fp32) from the final-normed hidden states."""
-        m = self.model
-        head = m.model.embed_tokens.weight if m.lm_head is None else m.lm_head.weight
-        return F.linear(h, head).float()
+        return F.linear(h, self._head_weight()).float()
 
     def _put_expanded(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """dst [B,H,N,D] (or [B,H,N]) view <- src [B,Hkv,N,D] with each KV head repeated for its group."""
@@ -363,17 +367,22 @@ class StaticDecoder:
 
     # -- the static steps (graph bodies) -------------------------------------------------------------
     def _decode_body(self, mem: StaticMemory, sample_key: tuple) -> None:
-        """One token: mem.token -> every layer -> mem.logits -> next token into mem.token; q_pos += 1."""
+        """One token: mem.token -> every layer -> mem.logits -> next token into mem.token; q_pos += 1.
+        Five launches per layer: each GEMV takes in the norm before it (and the window write of k and v),
+        the SiLU·mul after it, or the residual add after it (`ops.norm_qkv`, `norm_linear`, `linear_add`)."""
         torch.sub(mem.q_pos, mem.window_start, out=mem.slot)
-
-        def attend(i, q, k, v):
-            layer = mem.layers[i]
-            layer.window_k.index_copy_(2, mem.slot, k)
-            layer.window_v.index_copy_(2, mem.slot, v)
-            return self._attention(mem, i, q, mem.q_pos, mem.window_start, mem.sparse_len, out=mem.attn_out)
-
-        h = self._layers(self.model.model.embed_tokens(mem.token), attend)
-        mem.logits.copy_(self._head(h)[:, -1])
+        b, h, d = mem.batch, self.n_heads, self.head_dim
+        x = self.model.model.embed_tokens(mem.token)  # the residual stream [B,1,dim], updated in place
+        q = mem.q_out.view(b, 1, h, d).transpose(1, 2)
+        for i, block in enumerate(self.blocks):
+            layer, norm, post = mem.layers[i], block.input_layernorm, block.post_attention_layernorm
+            ops.norm_qkv(x, norm.weight, norm.eps, self.wqkv[i], mem.q_out, layer.window_k, layer.window_v, mem.slot)
+            y = self._attention(mem, i, q, mem.q_pos, mem.window_start, mem.sparse_len, out=mem.attn_out)
+            ops.linear_add(y.transpose(1, 2).reshape(b, 1, h * d), block.self_attn.o_proj.weight, x)
+            ops.norm_linear(x, post.weight, post.eps, self.w13[i], silu=True, out=mem.mlp_act)
+            ops.linear_add(mem.mlp_act, block.mlp.down_proj.weight, x)
+        final = self.model.model.norm
+        ops.norm_linear(x, final.weight, final.eps, self._head_weight(), out=mem.logits.view(b, 1, -1))
         self._sample_body(mem, sample_key)
         mem.q_pos.add_(1)
 
