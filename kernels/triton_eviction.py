@@ -3,7 +3,9 @@
 - `hedgehog`: φ(x) for a block of rows (reference: `reference.hedgehog`).
 - `self_recall_error`: ‖v − φ(k)ᵀH / (φ(k)ᵀs + ε)‖ per pair from given φ(k), or `recall_scores`
   computing φ(k) in the same pass from pre-RoPE keys (reference: `reference.self_recall_error`).
-- `select_keep`: the top-λ split of the scores per (batch, head), ranks by pairwise comparison.
+- `select_keep`: the top-λ split of the scores per (batch, head), ranks by pairwise comparison (unrolled over
+  the candidates: small N only); `select_keep_radix` finds the λ-th largest score by a radix search on the
+  scores' order-preserving integer keys instead (any N).
 - `fold`: H += Σ φ(k)vᵀ, s += Σ φ(k) in place, from given φ(k) or, in `fold_keys`, from the keys
   picked by an index list (the dropped ones), φ computed on the fly (reference: `reference.fold`).
 Each fold program owns one (batch, head) and a slice of D columns of H, so the sums need no atomics
@@ -176,6 +178,88 @@ def _select_kernel(scores_ptr, keep_ptr, drop_ptr, n, capacity, NP: tl.constexpr
     tl.store(drop_ptr + pid * (n - capacity) + drop_at, idx.to(tl.int64), mask=drop)
 
 
+@triton.jit
+def _order_key(s):
+    """fp32 -> int32 whose signed order is the float order (NaN-free; -0.0 and +0.0 both map to 0)."""
+    bits = s.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return tl.where(s == 0.0, 0, key)
+
+
+@triton.jit
+def _count_at_least(key, valid, thr):
+    """counts[r] = #{valid i : key_i >= thr[r]} for a block of keys and R thresholds (one reduction)."""
+    return tl.sum(((key[:, None] >= thr[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _write_split(key, valid, i, t, tie_quota, tie_base, kept_base, keep_row, drop_row):
+    """Keep key > t and the first `tie_quota` ties (key == t) in candidate order, counting the ties and keeps
+    of earlier blocks (tie_base, kept_base); store the block's kept and dropped indices at their ranks."""
+    eq = valid & (key == t)
+    tie_rank = tie_base + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+    keep = valid & ((key > t) | (eq & (tie_rank < tie_quota)))
+    kept = kept_base + tl.cumsum(keep.to(tl.int32), axis=0)  # keeps up to and including i
+    tl.store(keep_row + kept - 1, i.to(tl.int64), mask=keep)
+    tl.store(drop_row + (i - kept), i.to(tl.int64), mask=valid & ~keep)  # drops before i = i - keeps before i
+    return tie_base + tl.sum(eq.to(tl.int32), axis=0), kept_base + tl.sum(keep.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _select_radix_kernel(scores_ptr, keep_ptr, drop_ptr, n, capacity, BLOCK: tl.constexpr,
+                         ONE_BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """Top-`capacity` of one (batch, head)'s n scores without ranking pairs.
+
+    The scores' order keys (`_order_key`) are searched digit by digit, BITS bits per pass from the top,
+    for t = the capacity-th largest key: u (the key with its sign bit flipped, so unsigned order) grows
+    by the largest digit d with #{key >= (u | d << shift) ^ MIN} >= capacity, all 2^BITS candidate digits
+    counted in one reduction. Then keep = key > t plus the first capacity - #{key > t} ties (key == t) in
+    candidate order, which is the stable sort's top. Both lists are written in candidate order.
+    ONE_BLOCK: the row sits in registers (n <= BLOCK); else every pass streams it in BLOCK chunks."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = scores_ptr + pid * n
+    lane = tl.arange(0, BLOCK)
+    digit = tl.arange(0, 1 << BITS)
+    sign = tl.full([], -2147483648, tl.int32)
+    if ONE_BLOCK:
+        valid = lane < n
+        key = _order_key(tl.load(row + lane, mask=valid, other=0.0))
+    u = tl.full([], 0, tl.int32)
+    for p in range(32 // BITS):
+        shift = 32 - BITS * (p + 1)
+        thr = (u | (digit << shift)) ^ sign
+        if ONE_BLOCK:
+            count = _count_at_least(key, valid, thr)
+        else:
+            count = tl.zeros([1 << BITS], tl.int32)
+            for c0 in range(0, n, BLOCK):
+                i = c0 + lane
+                ok = i < n
+                count += _count_at_least(_order_key(tl.load(row + i, mask=ok, other=0.0)), ok, thr)
+        best = tl.sum((count >= capacity).to(tl.int32), axis=0) - 1  # counts fall with the digit; digit 0 passes
+        u = u | (best << shift)
+    t = u ^ sign
+    keep_row = keep_ptr + pid * capacity
+    drop_row = drop_ptr + pid * (n - capacity)
+    if ONE_BLOCK:
+        n_above = tl.sum(((key > t) & valid).to(tl.int32), axis=0)
+        _write_split(key, valid, lane, t, capacity - n_above, 0, 0, keep_row, drop_row)
+    else:
+        n_above = tl.full([], 0, tl.int32)
+        for c0 in range(0, n, BLOCK):
+            i = c0 + lane
+            ok = i < n
+            n_above += tl.sum(((_order_key(tl.load(row + i, mask=ok, other=0.0)) > t) & ok).to(tl.int32), axis=0)
+        tie_base = tl.full([], 0, tl.int32)
+        kept_base = tl.full([], 0, tl.int32)
+        for c0 in range(0, n, BLOCK):
+            i = c0 + lane
+            ok = i < n
+            key_c = _order_key(tl.load(row + i, mask=ok, other=0.0))
+            tie_base, kept_base = _write_split(key_c, ok, i, t, capacity - n_above, tie_base, kept_base, keep_row,
+                                               drop_row)
+
+
 def _check_state(h_state: torch.Tensor, s_state: torch.Tensor) -> None:
     if h_state.dtype != torch.float32 or s_state.dtype != torch.float32:
         raise TypeError("the linear state (H, s) must be float32")
@@ -284,6 +368,34 @@ def select_keep(scores: torch.Tensor, capacity: int, block_c: int = 32) -> tuple
         np_ = block(n)
         _select_kernel[(b * n_heads,)](scores, keep, drop, n, capacity, NP=np_, BLOCK_C=min(block_c, np_),
                                        num_warps=8)
+    return keep, drop
+
+
+def select_keep_radix(scores: torch.Tensor, capacity: int, radix_bits: int = 4, block_max: int = 4096,
+                      num_warps: int | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_keep` by a radix search for the capacity-th largest score: the same keep and drop (both in
+    candidate order) for any number of candidates, in 32 / radix_bits counting passes over the row plus
+    one to split it. Rows of up to `block_max` candidates (rounded up to a power of two) are held in
+    registers, longer ones are streamed in chunks of block_max on every pass. Scores must be NaN-free
+    (±inf is fine). `out`, when given, is a contiguous int64 (keep, drop) pair to write into."""
+    b, n_heads, n = scores.shape
+    if not 0 <= capacity <= n:
+        raise ValueError(f"capacity {capacity} outside 0..{n}")
+    if radix_bits not in (1, 2, 4, 8):
+        raise ValueError(f"radix_bits {radix_bits} must divide 32")
+    scores = scores.float().contiguous()
+    if out is None:
+        keep = torch.empty(b, n_heads, capacity, dtype=torch.long, device=scores.device)
+        drop = torch.empty(b, n_heads, n - capacity, dtype=torch.long, device=scores.device)
+    else:
+        keep, drop = out
+    if n:
+        one_block = block(n) <= block_max
+        block_n = block(n) if one_block else block_max
+        if num_warps is None:
+            num_warps = 4 if block_n <= 512 else 8
+        _select_radix_kernel[(b * n_heads,)](scores, keep, drop, n, capacity, BLOCK=block_n, ONE_BLOCK=one_block,
+                                             BITS=radix_bits, num_warps=num_warps)
     return keep, drop
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check the Triton kernels against the PyTorch reference at real shapes on a CUDA GPU, and time them.
 
-    PYTHONUNBUFFERED=1 python3 scripts/gpu_kernels_check.py [--out DIR] [--pytest]
+    PYTHONUNBUFFERED=1 python3 scripts/gpu_kernels_check.py [--out DIR] [--pytest | --select]
 
 Shapes: SmolLM2-135M (30 layers, H=9, Hkv=3, D=64) and Llama-3.1-8B (32 layers, H=32, Hkv=8, D=128),
 both with F=128, C=64, λ=256, the window full, the sparse cache full, queries at position ~100K and
@@ -9,7 +9,9 @@ cached keys capped at distance 4096. Correctness: ‖out − ref‖/‖ref‖ (f
 outputs and unused buffer slots poisoned with NaN. Timing: median µs per layer (per call) of one
 model's worth of layers (distinct buffers per layer), eager and replayed inside one CUDA graph,
 Triton vs the reference (torch eager). Prints a table last; writes JSON and the table to --out.
-`--pytest` runs tests/test_kernels.py compiled on the GPU instead (TRITON_INTERPRET=0).
+`--pytest` runs tests/test_kernels.py compiled on the GPU instead (TRITON_INTERPRET=0). `--select` runs only
+the select_keep checks and timings (λ = 256, 768, 1024 with C = 64 more candidates, both head counts: the
+pairwise kernel, the radix search and the torch stable sort).
 """
 
 from __future__ import annotations
@@ -208,6 +210,39 @@ def check_eviction(ref, ops, te, results):
             record_failure(results, name)
 
 
+SELECT_LAMS = (256, 768, 1024)  # λ of the selection checks and timings (C = 64 more candidates each)
+
+
+def check_select(ref, ops, te, results):
+    """select_keep against the stable sort at λ + C candidates: the radix search (every knob) and the dispatch
+    of ops, on continuous scores and on scores with heavy ties and -inf (the same keep; drop = the rest)."""
+    for i, lam in enumerate(SELECT_LAMS):
+        n = lam + 64
+        name = f"select_keep λ={lam} N={n}"
+        try:
+            g = torch.Generator(device=DEVICE).manual_seed(400 + i)
+            smooth = torch.rand(2, 9, n, generator=g, device=DEVICE)
+            tied = (smooth * 4).floor() - 2.0
+            tied[torch.rand(tied.shape, generator=g, device=DEVICE) < 0.3] = float("-inf")
+            for kind, scores in (("continuous", smooth), ("ties+inf", tied)):
+                for capacity in (lam,) if SMOKE else (lam, 0, n - 1, n):
+                    keep_want, drop_want = ref.select_keep(scores, capacity)
+                    drop_want = drop_want.sort(-1).values
+                    variants = {f"radix bits={bits}": {"radix_bits": bits} for bits in ((4,) if SMOKE else (1, 2, 4))}
+                    variants["radix chunks of 256"] = {"block_max": 256}
+                    for label, knobs in variants.items():
+                        keep, drop = te.select_keep_radix(scores, capacity, **knobs)
+                        same = torch.equal(keep, keep_want) and torch.equal(drop, drop_want)
+                        record(results, f"{name} {kind} capacity={capacity} {label} (0 = identical)",
+                               0.0 if same else math.nan, 1e-4)
+                    keep, drop = ops.select_keep(scores, capacity)
+                    same = torch.equal(keep, keep_want) and torch.equal(drop.sort(-1).values, drop_want)
+                    record(results, f"{name} {kind} capacity={capacity} ops dispatch (0 = identical)",
+                           0.0 if same else math.nan, 1e-4)
+        except Exception:  # noqa: BLE001 - a harness: report every failure, go on with the rest
+            record_failure(results, name)
+
+
 def check_split_determinism(ta, results):
     """The split kernel merges partials through an atomic counter: replay it many times on one input;
     a race shows as a changed bit or a counter left non-zero."""
@@ -327,12 +362,34 @@ def time_eviction(ref, ops, te, results, shape_name: str, shape: dict) -> None:
                                             for e, dr in zip(evs, drops)], n)
 
 
+def time_select(ref, ops, te, results, shape_name: str, shape: dict) -> None:
+    """select_keep at λ + C candidates per head, graph-replayed over one model's layers: the torch stable sort
+    (reference), the radix search with 1, 2 and 4 bits per pass, the pairwise kernel where it serves
+    (≤ ops.SELECT_PAIRWISE_MAX candidates), and what ops dispatches to."""
+    n_layers = 2 if SMOKE else shape["layers"]
+    for lam in SELECT_LAMS:
+        n = lam + shape["c"]
+        scores = [torch.rand(1, shape["h"], n, device=DEVICE) for _ in range(n_layers)]
+        what = f"{shape_name} select_keep λ={lam} (N={n}, H={shape['h']})"
+        impls = {"torch stable sort (reference)": ref.select_keep}
+        for bits in (1, 2, 4):
+            impls[f"radix bits={bits}"] = lambda s, c, bits=bits: te.select_keep_radix(s, c, radix_bits=bits)
+        impls["radix bits=4 num_warps=4"] = lambda s, c: te.select_keep_radix(s, c, num_warps=4)
+        if 1 << (n - 1).bit_length() <= ops.SELECT_PAIRWISE_MAX:
+            impls["pairwise"] = te.select_keep
+        impls["ops.select_keep (dispatch)"] = ops.select_keep
+        for impl, fn in impls.items():
+            add_timing(results, what, impl, True,
+                       lambda fn=fn, scores=scores, lam=lam: [fn(s, lam) for s in scores], n_layers)
+
+
 def time_all(ref, ops, ta, te, results) -> None:
     for shape_name, shape in SHAPES.items():
         for t in (1, 64):
             time_attention(ref, ta, results, shape_name, shape, t)
         results["floors"][f"{shape_name} decode"] = decode_floor_bytes(shape, 2) / results["bandwidth"] * 1e6
         time_eviction(ref, ops, te, results, shape_name, shape)
+        time_select(ref, ops, te, results, shape_name, shape)
 
 
 def add_timing(results, what, impl, graph, fn, n):
@@ -387,6 +444,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--pytest", action="store_true", help="run tests/test_kernels.py compiled on the GPU")
     parser.add_argument("--smoke", action="store_true", help="check this script on the CPU (interpreter)")
+    parser.add_argument("--select", action="store_true", help="only the select_keep checks and timings")
     args = parser.parse_args()
     global DEVICE, SMOKE
     if args.smoke:
@@ -412,9 +470,12 @@ def main() -> int:
                "checks": [], "timings": [], "floors": {}}
     start = time.time()
     results["bandwidth"] = measure_bandwidth()
+    if args.select:
+        return select_only(ref, ops, te, results, start, Path(args.out))
     check_attention(ref, ta, results)
     print(f"attention checks done at {time.time() - start:.0f} s")
     check_eviction(ref, ops, te, results)
+    check_select(ref, ops, te, results)
     if not SMOKE:
         check_split_determinism(ta, results)
     print(f"checks done at {time.time() - start:.0f} s")
@@ -422,12 +483,27 @@ def main() -> int:
         time_all(ref, ops, ta, te, results)
     except Exception:  # noqa: BLE001
         print(traceback.format_exc())
+    return report(results, start, Path(args.out))
+
+
+def select_only(ref, ops, te, results, start: float, out: Path) -> int:
+    """--select: the select_keep checks and timings alone (a short GPU run)."""
+    check_select(ref, ops, te, results)
+    print(f"checks done at {time.time() - start:.0f} s")
+    for shape_name, shape in SHAPES.items():
+        try:
+            time_select(ref, ops, te, results, shape_name, shape)
+        except Exception:  # noqa: BLE001
+            print(traceback.format_exc())
+    return report(results, start, out, "select")
+
+
+def report(results, start: float, out: Path, tag: str = "kernels") -> int:
     print(f"all done in {time.time() - start:.0f} s\n")
     text = table(results)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels_check.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "kernels_table.txt").write_text(text + "\n")
+    (out / f"{tag}_check.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / f"{tag}_table.txt").write_text(text + "\n")
     print(text)
     return 0 if all(c["ok"] for c in results["checks"] if c["required"]) else 1
 

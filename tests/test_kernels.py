@@ -214,12 +214,77 @@ def test_select_keep(n, capacity, levels):
     assert torch.equal(drop.sort(-1).values, drop_want.sort(-1).values)
 
 
+SELECT_RADIX_CASES = [  # N, capacities, scores: "normal", "ties" (4 distinct values) or "ties+inf" (-inf too)
+    (5, (0, 1, 4, 5), "ties"),
+    (320, (256, 319, 0, 120), "ties"),  # 120: the cut falls among the zeros (±0.0)
+    (832, (768, 831, 832), "ties+inf"),  # the default model's λ = 768 + C = 64
+    (1088, (1024, 1), "normal"),
+    (2100, (1000, 2099, 2100, 0), "ties+inf"),
+]
+
+
+def select_scores(draw: Draw, n: int, kind: str) -> torch.Tensor:
+    if kind == "normal":
+        return draw.normal(2, 3, n)
+    scores = (draw.uniform(2, 3, n) * 4).floor() - 2.0
+    scores[(scores == 0) & (draw.uniform(2, 3, n) < 0.5)] = -0.0  # -0.0 and +0.0 tie, as in the sort
+    if kind == "ties+inf":
+        scores[draw.uniform(2, 3, n) < 0.3] = float("-inf")
+        scores[1, 2] = float("-inf")  # a row of -inf only: every candidate ties
+    return scores
+
+
+def check_select(scores, capacity, **knobs):
+    keep_want, drop_want = ref.select_keep(scores, capacity)
+    b, h, n = scores.shape
+    out = (torch.full((b, h, capacity), -1, dtype=torch.long, device=DEVICE),
+           torch.full((b, h, n - capacity), -1, dtype=torch.long, device=DEVICE))
+    keep, drop = triton_eviction.select_keep_radix(scores, capacity, out=out, **knobs)
+    assert keep is out[0] and drop is out[1]
+    assert torch.equal(keep, keep_want), f"capacity {capacity}"
+    assert torch.equal(drop, drop_want.sort(-1).values), f"capacity {capacity}"  # the rest, in candidate order
+
+
+@pytest.mark.parametrize(("n", "capacities", "kind"), SELECT_RADIX_CASES, ids=lambda c: str(c))
+def test_select_keep_radix(n, capacities, kind):
+    """The radix search gives the stable sort's keep at any N: ties to the earlier candidate, -inf, 0 and N."""
+    scores = select_scores(Draw(n), n, kind)
+    for capacity in capacities:
+        check_select(scores, capacity)
+
+
+@pytest.mark.parametrize(("n", "capacity", "knobs"), [
+    (2100, 1000, {"block_max": 512}),  # streamed in chunks, the last one partial
+    (1088, 1088, {"block_max": 512}),
+    (832, 768, {"radix_bits": 1}),
+    (320, 319, {"radix_bits": 2}),
+    (320, 3, {"radix_bits": 8}),
+], ids=str)
+def test_select_keep_radix_knobs(n, capacity, knobs):
+    check_select(select_scores(Draw(n + 1), n, "ties+inf"), capacity, **knobs)
+
+
+def test_select_dispatch(monkeypatch):
+    """ops.select_keep: the pairwise kernel up to SELECT_PAIRWISE_MAX candidates, the radix search past it."""
+    monkeypatch.setenv("LOLACHAT_TRITON", "1")
+    used = []
+    for name in ("select_keep", "select_keep_radix"):
+        kernel = getattr(triton_eviction, name)
+        monkeypatch.setattr(triton_eviction, name, lambda s, c, kernel=kernel, name=name: used.append(name) or
+                            kernel(s, c))
+    draw = Draw(5)
+    for n in (ops.SELECT_PAIRWISE_MAX, ops.SELECT_PAIRWISE_MAX + 1):
+        scores = draw.normal(1, 2, n)
+        assert torch.equal(ops.select_keep(scores, n - 64)[0], ref.select_keep(scores, n - 64)[0])
+    assert used == ["select_keep", "select_keep_radix"]
+
+
 EVICT_CASES = [  # B, H, D, F, λ, C, dtype, phi_input
     (1, 2, 16, 32, 24, 8, torch.float32, "pre_rope"),
     (2, 3, 24, 24, 10, 6, torch.float32, "post_rope"),
     (1, 2, 64, 128, 40, 16, torch.bfloat16, "post_rope"),
     (1, 2, 64, 128, 0, 16, torch.float32, "pre_rope"),  # λ = 0 would fold the whole chunk
-    (1, 2, 16, 32, 600, 16, torch.float32, "pre_rope"),  # past ops.SELECT_KERNEL_MAX: the sort selects
+    (1, 2, 16, 32, 768, 64, torch.float32, "pre_rope"),  # the default model's λ: the radix search selects
 ]
 
 
@@ -254,10 +319,11 @@ def test_evict_compete(case):
     assert rel_err(h_got, h_want) < TOL[dtype] and rel_err(s_got, s_want) < TOL[dtype]
 
 
-def test_evict_compete_group_selection():
+@pytest.mark.parametrize(("capacity", "c"), [(12, 8), (768, 64)])  # pairwise / radix selection
+def test_evict_compete_group_selection(capacity, c):
     """Group selection: each pair of query heads ranks by the pair's larger error and keeps the same set."""
-    b, h, d, f, capacity, c, group = 1, 4, 16, 32, 12, 8, 2
-    draw = Draw(77)
+    b, h, d, f, group = 1, 4, 16, 32, 2
+    draw = Draw(77 + capacity)
     n = capacity + c
     keys = draw.normal(b, h // group, n, d).repeat_interleave(group, dim=1)
     values = draw.normal(b, h // group, n, d).repeat_interleave(group, dim=1)
