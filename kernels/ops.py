@@ -153,30 +153,33 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return ref.silu_mul(gate_up, out=out)
 
 
-def fused_gemv(x: torch.Tensor) -> bool:
-    """Whether the fused GEMV kernels serve `x`: the Triton path, unless LOLACHAT_FUSED_GEMV=0 (then the
-    projections are cuBLAS and the steps around them the separate kernels, for comparison)."""
-    return use_triton(x) and os.environ.get("LOLACHAT_FUSED_GEMV") != "0"
+def fused_gemv(x: torch.Tensor, n_out: int, k_dim: int) -> bool:
+    """Whether a fused GEMV kernel serves `x` for this shape: on the Triton path, unless the shape measured
+    faster unfused (`triton_gemv.CONFIGS`) or LOLACHAT_FUSED_GEMV=0. Unfused, the projection is cuBLAS
+    and the steps around it the separate kernels."""
+    return (use_triton(x) and os.environ.get("LOLACHAT_FUSED_GEMV") != "0"
+            and triton_gemv.gemv_config(n_out, k_dim) is not None)
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, silu: bool = False,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    if fused_gemv(x):
+    if fused_gemv(x, weight.shape[0] // 2 if silu else weight.shape[0], weight.shape[1]):
         return triton_gemv.norm_linear(x, norm_weight, eps, weight, silu=silu, out=out)
     y = F.linear(rms_norm(x, norm_weight, eps), weight)
-    y = silu_mul(y) if silu else y
+    if silu:
+        return silu_mul(y, out=out)
     return y if out is None else out.copy_(y)
 
 
 def norm_qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wqkv: torch.Tensor, q_out: torch.Tensor,
              window_k: torch.Tensor, window_v: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    if fused_gemv(x):
+    if fused_gemv(x, wqkv.shape[0], wqkv.shape[1]):
         return triton_gemv.norm_qkv(x, norm_weight, eps, wqkv, q_out, window_k, window_v, slot)
     return ref.qkv_into_window(F.linear(rms_norm(x, norm_weight, eps), wqkv), q_out, window_k, window_v, slot)
 
 
 def linear_add(y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if fused_gemv(x):
+    if fused_gemv(x, weight.shape[0], weight.shape[1]):
         return triton_gemv.linear_add(y, weight, x)
     return x.add_(F.linear(y, weight))
 

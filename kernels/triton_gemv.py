@@ -28,10 +28,23 @@ STORE_PLAIN, STORE_ADD, STORE_QKV = 0, 1, 2
 
 
 @triton.jit
+def _weight_tiles(w_rows, up_offset, cols, row_ok, k_dim, SILU: tl.constexpr):
+    """Weight tiles [BLOCK_N, BLOCK_K] at columns `cols` (the up rows' too for SiLU; else the same tile),
+    streamed past the cache (each weight is read once per token)."""
+    ok = row_ok[:, None] & (cols < k_dim)[None, :]
+    w = tl.load(w_rows + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+    if SILU:
+        w_up = tl.load(w_rows + up_offset + cols[None, :], mask=ok, other=0.0, eviction_policy="evict_first")
+    else:
+        w_up = w
+    return w, w_up
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, wk_ptr, wv_ptr, slot_ptr,
                  n_out, k_dim, eps, up_offset, q_rows, kv_rows, head_dim, win_head_stride, win_batch_stride,
                  NORM: tl.constexpr, SILU: tl.constexpr, STORE: tl.constexpr, K_FULL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, ACT: tl.constexpr):
     m = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
@@ -42,21 +55,26 @@ def _gemv_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, wk_ptr, wv_ptr, slot_ptr,
         inv_rms = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k_dim + eps)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * k_dim
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if SILU:
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    offs = tl.arange(0, BLOCK_K)
+    if PREFETCH:
+        w, w_up = _weight_tiles(w_rows, up_offset, offs, row_ok, k_dim, SILU)
     for k0 in range(0, k_dim, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+        cols = k0 + offs
         col_ok = cols < k_dim
+        if PREFETCH:  # issue the next tiles' loads before this tile's products (two tiles in flight)
+            w_next, w_up_next = _weight_tiles(w_rows, up_offset, cols + BLOCK_K, row_ok, k_dim, SILU)
+        else:
+            w, w_up = _weight_tiles(w_rows, up_offset, cols, row_ok, k_dim, SILU)
         x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
         if NORM:
             scale = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             x = round_act(scale * round_act(x * inv_rms, ACT), ACT)
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_rows + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        acc += w * x[None, :]
+        acc += w.to(tl.float32) * x[None, :]
         if SILU:
-            w_up = tl.load(w_rows + up_offset + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            acc_up += w_up * x[None, :]
+            acc_up += w_up.to(tl.float32) * x[None, :]
+        if PREFETCH:
+            w, w_up = w_next, w_up_next
     y = round_act(tl.sum(acc, axis=1), ACT)
     if SILU:
         up = round_act(tl.sum(acc_up, axis=1), ACT)
@@ -80,15 +98,34 @@ def _gemv_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, wk_ptr, wv_ptr, slot_ptr,
         tl.store(out_ptr + m * n_out + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# (BLOCK_N, BLOCK_K, warps) by weight shape; see gemv_config.
-DEFAULT_CONFIG = (8, 512, 4)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+# (BLOCK_N, BLOCK_K, warps, prefetch) by (output rows, K): the fastest in a CUDA graph on the H200
+# (scripts/gpu_gemv.py, docs/kernels.md "Fused decode GEMVs"); other shapes by size. None: the GEMV is
+# cuBLAS with the norm and the rest as separate kernels (where that measured as fast).
+CONFIGS: dict[tuple[int, int], tuple[int, int, int, int] | None] = {
+    (960, 576): (1, 1024, 2, 0),  # SmolLM2-135M: [q; k; v]
+    (576, 576): (1, 1024, 4, 0),  # o
+    (1536, 576): (1, 1024, 4, 0),  # [gate; up] -> silu(gate)·up
+    (576, 1536): (1, 1024, 8, 0),  # down
+    (49152, 576): (32, 64, 8, 0),  # LM head
+    (6144, 4096): (16, 512, 4, 0),  # Llama-3.1-8B: [q; k; v]
+    (4096, 4096): (4, 512, 4, 0),  # o
+    (14336, 4096): (32, 128, 4, 0),  # [gate; up]
+    (4096, 14336): (4, 1024, 4, 0),  # down
+    (128256, 4096): (4, 512, 4, 0),  # LM head
+}
+SMALL_CONFIG, LARGE_CONFIG = (1, 1024, 4, 0), (4, 512, 4, 0)
 
 
-def gemv_config(n_out: int, k_dim: int) -> tuple[int, int, int]:
-    """Tile sizes and warps for an [n_out, k_dim] weight: the tuned entry if there is one."""
-    block_n, block_k, warps = CONFIGS.get((n_out, k_dim), DEFAULT_CONFIG)
-    return block_n, min(block_k, triton.next_power_of_2(k_dim)), warps
+def gemv_config(n_out: int, k_dim: int) -> tuple[int, int, int, int] | None:
+    """Tiles, warps and prefetch for a GEMV with n_out outputs over rows of k_dim (None: not fused)."""
+    if (n_out, k_dim) in CONFIGS:
+        config = CONFIGS[(n_out, k_dim)]
+        if config is None:
+            return None
+    else:
+        config = SMALL_CONFIG if n_out * k_dim < 4 << 20 else LARGE_CONFIG
+    block_n, block_k, warps, prefetch = config
+    return block_n, min(block_k, triton.next_power_of_2(k_dim)), warps, prefetch
 
 
 def _rows(x: torch.Tensor, k_dim: int) -> int:
@@ -100,7 +137,7 @@ def _rows(x: torch.Tensor, k_dim: int) -> int:
 def _launch(x, norm_weight, eps, weight, out, n_out, store, silu=False, window=None, q_rows=0, config=None):
     k_dim = weight.shape[1]
     m = _rows(x, k_dim)
-    block_n, block_k, warps = config or gemv_config(n_out, k_dim)
+    block_n, block_k, warps, prefetch = config or gemv_config(n_out, k_dim)
     wk, wv, slot = window if window is not None else (out, out, out)
     kv_rows = wk.shape[1] * wk.shape[3] if window is not None else 0
     head_dim = wk.shape[3] if window is not None else 1
@@ -109,7 +146,7 @@ def _launch(x, norm_weight, eps, weight, out, n_out, store, silu=False, window=N
         n_out, k_dim, eps, n_out * k_dim, q_rows, kv_rows, head_dim,
         wk.stride(1) if window is not None else 0, wk.stride(0) if window is not None else 0,
         NORM=norm_weight is not None, SILU=silu, STORE=store, K_FULL=triton.next_power_of_2(k_dim),
-        BLOCK_N=block_n, BLOCK_K=block_k, ACT=act_code(x.dtype), num_warps=warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=bool(prefetch), ACT=act_code(x.dtype), num_warps=warps)
     return out
 
 

@@ -31,9 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-TILES = [(1, 1024), (2, 512), (4, 256), (4, 512), (8, 128), (8, 256), (16, 128), (32, 64)]
-WARPS = [4, 8]
-SMOKE_TILES, SMOKE_WARPS = [(4, 32), (8, 64)], [4]
+# Pass 1: every tile and warp count without prefetch; pass 2: the three best with prefetch.
+SMALL_TILES = [(1, 512), (1, 1024), (2, 512), (4, 256), (16, 128), (32, 64)]  # weights under 4M elements
+LARGE_TILES = [(4, 256), (4, 512), (8, 256), (4, 1024), (8, 512), (16, 256), (16, 512), (32, 64), (32, 128),
+               (64, 64)]
+SMALL_WARPS, LARGE_WARPS = [2, 4, 8], [4, 8]
+SMOKE = dict(tiles=[(4, 32), (8, 64)], warps=[4])
 
 
 def roles(shape: dict) -> dict[str, dict]:
@@ -156,6 +159,7 @@ def tune_role(result: dict, row: dict, case: Case, device, deadline: float, smok
     role, name = case.role, f"{row['shape']}/{row['role']}"
     n_calls = row["calls"] = len(case.weights)
     default = triton_gemv.gemv_config(role["n"] // 2 if case.kind == "silu" else role["n"], role["k"])
+    default = default or (1, 1024, 4, 0)  # a shape the engine runs unfused: check the kernel anyway
     want = case.reference(ref, case.weights[0]).float()
 
     def error(config) -> float:
@@ -166,18 +170,27 @@ def tune_role(result: dict, row: dict, case: Case, device, deadline: float, smok
     print(f"{name:22s} check rel err {row['default_rel_err']:.2e}", flush=True)
     row["cublas_us"] = graph_us(lambda: [F.linear(case.x, w) for w in case.weights], n_calls, device)
     row["separate_us"] = graph_us(lambda: [case.separate(ops, w) for w in case.weights], n_calls, device)
-    timings = []
-    for block_n, block_k in SMOKE_TILES if smoke else TILES:
-        for warps in SMOKE_WARPS if smoke else WARPS:
-            if block_k > 2 * triton.next_power_of_2(role["k"]) or time.monotonic() > deadline:
-                continue
-            config = (block_n, block_k, warps)
-            try:
-                us = graph_us(lambda c=config: [case.fused(triton_gemv, w, c) for w in case.weights], n_calls, device)
-            except Exception as err:  # a tile the compiler refuses: note it, go on
-                result["errors"].append(f"{name}/{config}: {type(err).__name__}: {err}")
-                continue
-            timings.append({"config": list(config), "us": us})
+    timings: list[dict] = []
+
+    def measure(config) -> None:
+        if config[1] > 2 * triton.next_power_of_2(role["k"]) or time.monotonic() > deadline:
+            return
+        try:
+            us = graph_us(lambda: [case.fused(triton_gemv, w, config) for w in case.weights], n_calls, device)
+        except Exception as err:  # a tile the compiler refuses: note it, go on
+            result["errors"].append(f"{name}/{config}: {type(err).__name__}: {err}")
+            return
+        timings.append({"config": list(config), "us": us})
+
+    large = role["n"] * role["k"] >= 4 << 20
+    tiles, warps_list = (LARGE_TILES, LARGE_WARPS) if large else (SMALL_TILES, SMALL_WARPS)
+    if smoke:
+        tiles, warps_list = SMOKE["tiles"], SMOKE["warps"]
+    for block_n, block_k in tiles:
+        for warps in warps_list:
+            measure((block_n, block_k, warps, 0))
+    for t in sorted(timings, key=lambda t: t["us"])[:3]:
+        measure((*t["config"][:3], 1))
     timings.sort(key=lambda t: t["us"])
     row["fused"] = timings[:5]
     row["fused_default_us"] = next((t["us"] for t in timings if tuple(t["config"]) == default), None)
@@ -235,8 +248,8 @@ def decode(result: dict, shape_name: str, device, deadline: float, smoke: bool, 
 
 
 def table(result: dict) -> str:
-    lines = ["| shape | GEMV | N × K | cuBLAS µs | before (separate) µs | fused, best µs [BLOCK_N, BLOCK_K, warps] "
-             "| err |",
+    lines = ["| shape | GEMV | N × K | cuBLAS µs | before (separate) µs "
+             "| fused, best µs [BLOCK_N, BLOCK_K, warps, prefetch] | err |",
              "|---|---|---|---|---|---|---|"]
     for r in result["tune"]:
         best = r["fused"][0] if r["fused"] else None

@@ -22,7 +22,9 @@ from lolachat.kernels import reference as ref
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-SMALL_TILES = (16, 32, 4)  # BLOCK_N, BLOCK_K, warps
+SMALL_TILES = (16, 32, 4, 0)  # BLOCK_N, BLOCK_K, warps, prefetch
+PREFETCHING = (16, 32, 4, 1)
+TILES = pytest.mark.parametrize("tiles", [SMALL_TILES, PREFETCHING], ids=["plain", "prefetch"])
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -47,12 +49,13 @@ def test_norm_linear(dtype, batch, k_dim, n_out):
     assert rel_err(got, ref.norm_linear(x, norm_w, 1e-5, w)) < TOL[dtype]
 
 
+@TILES
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norm_linear_silu_over_gate_and_up(dtype):
+def test_norm_linear_silu_over_gate_and_up(dtype, tiles):
     x = draw(4, 2, 1, 72, dtype=dtype)
     norm_w, w13 = draw(5, 72, dtype=dtype), draw(6, 2 * 45, 72, dtype=dtype, scale=0.3)
     out = torch.full((2, 1, 45), float("nan"), dtype=dtype, device=DEVICE)
-    got = triton_gemv.norm_linear(x, norm_w, 1e-6, w13, silu=True, out=out, config=SMALL_TILES)
+    got = triton_gemv.norm_linear(x, norm_w, 1e-6, w13, silu=True, out=out, config=tiles)
     assert rel_err(got, ref.norm_linear(x, norm_w, 1e-6, w13, silu=True)) < TOL[dtype]
 
 
@@ -68,19 +71,21 @@ def test_norm_linear_writes_float32_logits_rounded_like_the_reference():
     assert torch.equal(got, got.bfloat16().float()), "logits were not rounded to the activation dtype"
 
 
+@TILES
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_add_updates_the_residual_in_place(dtype):
+def test_linear_add_updates_the_residual_in_place(dtype, tiles):
     y, w = draw(10, 2, 1, 90, dtype=dtype), draw(11, 50, 90, dtype=dtype, scale=0.2)
     x = draw(12, 2, 1, 50, dtype=dtype)
     want = ref.linear_add(y, w, x.clone())
     got = x.clone()
-    assert triton_gemv.linear_add(y, w, got, config=SMALL_TILES) is got
+    assert triton_gemv.linear_add(y, w, got, config=tiles) is got
     assert rel_err(got, want) < TOL[dtype]
 
 
+@TILES
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,n_heads,n_kv,head_dim,slot", [(1, 6, 2, 12, 5), (2, 3, 3, 8, 0), (1, 4, 1, 16, 7)])
-def test_norm_qkv_writes_q_and_the_window_slot(dtype, batch, n_heads, n_kv, head_dim, slot):
+def test_norm_qkv_writes_q_and_the_window_slot(dtype, batch, n_heads, n_kv, head_dim, slot, tiles):
     dim, window = 40, 8
     x, norm_w = draw(13, batch, 1, dim, dtype=dtype), draw(14, dim, dtype=dtype)
     wqkv = draw(15, (n_heads + 2 * n_kv) * head_dim, dim, dtype=dtype, scale=0.3)
@@ -90,7 +95,7 @@ def test_norm_qkv_writes_q_and_the_window_slot(dtype, batch, n_heads, n_kv, head
     q_got = torch.full((batch, 1, n_heads * head_dim), float("nan"), dtype=dtype, device=DEVICE)
     q_want = torch.empty_like(q_got)
     ref.norm_qkv(x, norm_w, 1e-5, wqkv, q_want, *want, slot_t)
-    triton_gemv.norm_qkv(x, norm_w, 1e-5, wqkv, q_got, *got, slot_t, config=SMALL_TILES)
+    triton_gemv.norm_qkv(x, norm_w, 1e-5, wqkv, q_got, *got, slot_t, config=tiles)
     assert rel_err(q_got, q_want) < TOL[dtype]
     others = [i for i in range(window) if i != slot]
     for g, w in zip(got, want):
@@ -110,8 +115,16 @@ def test_ops_choose_fused_or_separate_kernels(monkeypatch):
     x, norm_w, w13 = draw(19, 1, 1, 48), draw(20, 48), draw(21, 2 * 30, 48, scale=0.3)
     want = ref.norm_linear(x, norm_w, 1e-5, w13, silu=True)
     monkeypatch.setenv("LOLACHAT_TRITON", "1")
-    assert ops.fused_gemv(x)
+    assert ops.fused_gemv(x, 30, 48)
     assert rel_err(ops.norm_linear(x, norm_w, 1e-5, w13, silu=True), want) < 1e-4
     monkeypatch.setenv("LOLACHAT_FUSED_GEMV", "0")
-    assert not ops.fused_gemv(x)
+    assert not ops.fused_gemv(x, 30, 48)
     assert rel_err(ops.norm_linear(x, norm_w, 1e-5, w13, silu=True), want) < 1e-4
+
+
+def test_shapes_measured_slower_fused_take_the_separate_kernels(monkeypatch):
+    monkeypatch.setitem(triton_gemv.CONFIGS, (30, 48), None)
+    monkeypatch.setenv("LOLACHAT_TRITON", "1")
+    x = draw(22, 1, 1, 48)
+    assert not ops.fused_gemv(x, 30, 48)
+    assert ops.fused_gemv(x, 31, 48)
