@@ -102,18 +102,18 @@ def _gemv_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, wk_ptr, wv_ptr, slot_ptr,
 # (scripts/gpu_gemv.py, docs/kernels.md "Fused decode GEMVs"); other shapes by size. None: the GEMV is
 # cuBLAS with the norm and the rest as separate kernels (where that measured as fast).
 CONFIGS: dict[tuple[int, int], tuple[int, int, int, int] | None] = {
-    (960, 576): (1, 1024, 2, 0),  # SmolLM2-135M: [q; k; v]
+    (960, 576): (1, 1024, 2, 1),  # SmolLM2-135M: [q; k; v]
     (576, 576): (1, 1024, 4, 0),  # o
-    (1536, 576): (1, 1024, 4, 0),  # [gate; up] -> silu(gate)·up
-    (576, 1536): (1, 1024, 8, 0),  # down
-    (49152, 576): (32, 64, 8, 0),  # LM head
-    (6144, 4096): (16, 512, 4, 0),  # Llama-3.1-8B: [q; k; v]
-    (4096, 4096): (4, 512, 4, 0),  # o
-    (14336, 4096): (32, 128, 4, 0),  # [gate; up]
-    (4096, 14336): (4, 1024, 4, 0),  # down
-    (128256, 4096): (4, 512, 4, 0),  # LM head
+    (1536, 576): (2, 512, 4, 1),  # [gate; up] -> silu(gate)·up
+    (576, 1536): (1, 1024, 4, 1),  # down
+    (49152, 576): (32, 128, 4, 0),  # LM head
+    (6144, 4096): (8, 512, 4, 0),  # Llama-3.1-8B: [q; k; v]
+    (4096, 4096): (16, 512, 8, 1),  # o
+    (14336, 4096): (8, 256, 4, 0),  # [gate; up]
+    (4096, 14336): (8, 512, 8, 1),  # down
+    (128256, 4096): (16, 256, 4, 0),  # LM head
 }
-SMALL_CONFIG, LARGE_CONFIG = (1, 1024, 4, 0), (4, 512, 4, 0)
+SMALL_CONFIG, LARGE_CONFIG = (1, 1024, 4, 0), (8, 256, 4, 0)
 
 
 def gemv_config(n_out: int, k_dim: int) -> tuple[int, int, int, int] | None:

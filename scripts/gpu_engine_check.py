@@ -62,6 +62,8 @@ TEXT = ("The history of the lighthouse keepers of the northern coast is a long o
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default="/tmp/smol.gguf", help="SmolLM2 GGUF file")
+    ap.add_argument("--random-smol", action="store_true",
+                    help="bench-smol on random weights of SmolLM2's shape (no GGUF; speed does not depend on them)")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_engine_check_out"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="short prompt and lengths (CPU smoke run)")
@@ -93,6 +95,7 @@ def run_all(args, out: Path) -> int:
         print(f"== {part} (cap {cap:.0f} s)", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--gguf", args.gguf, "--out", str(out),
                "--device", args.device, "--part-seconds", str(cap)] + (["--quick"] if args.quick else [])
+        cmd += ["--random-smol"] if args.random_smol else []
         t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, timeout=cap, cwd=ROOT)
@@ -192,7 +195,10 @@ def part_bench(args, out: Path, deadline: float) -> None:
     from lolachat.bench import BenchConfig, run_bench, save, table
 
     quick = args.quick
-    if args.part == "bench-smol":
+    if args.part == "bench-smol" and args.random_smol:
+        cfg = BenchConfig(shape="smollm2-135m", label="SmolLM2-135M shape")
+        lengths = [128, 320] if quick else [1024, 8192, 32768, 131072]
+    elif args.part == "bench-smol":
         cfg = BenchConfig(model=args.gguf, label="SmolLM2-135M")
         lengths = [128, 320] if quick else [1024, 8192, 32768, 131072]
     else:

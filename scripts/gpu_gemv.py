@@ -82,6 +82,13 @@ class Case:
 
     def separate(self, ops, w):
         """What the decode step ran before: cuBLAS plus the Triton norm / SiLU kernels and torch copies."""
+        os.environ["LOLACHAT_FUSED_GEMV"] = "0"  # read when ops dispatches, i.e. at capture
+        try:
+            return self._separate(ops, w)
+        finally:
+            os.environ.pop("LOLACHAT_FUSED_GEMV")
+
+    def _separate(self, ops, w):
         if self.kind == "qkv":
             return ops.norm_qkv(self.x, self.norm_w, 1e-5, w, self.q_out, *self.windows, self.slot)
         if self.kind == "add":
