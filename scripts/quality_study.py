@@ -45,6 +45,7 @@ SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None i
     "λ=768 group half-life 2K": {"sparse": 768, "selection": "group", "state_halflife": 2048},
     "λ=768 group half-life 8K": {"sparse": 768, "selection": "group", "state_halflife": 8192},
     "λ=256 half-life 2K": {"sparse": 256, "state_halflife": 2048},
+    "λ=256 half-life 8K": {"sparse": 256, "state_halflife": 8192},
     "λ=0 half-life 2K": {"sparse": 0, "state_halflife": 2048},
     # the same with --alt-adapter
     "alt λ=768 group": {"adapter": "alt", "sparse": 768, "selection": "group"},
