@@ -3,9 +3,8 @@
 - `hedgehog`: φ(x) for a block of rows (reference: `reference.hedgehog`).
 - `self_recall_error`: ‖v − φ(k)ᵀH / (φ(k)ᵀs + ε)‖ per pair from given φ(k), or `recall_scores`
   computing φ(k) in the same pass from pre-RoPE keys (reference: `reference.self_recall_error`).
-- `select_keep`: the top-λ split of the scores per (batch, head), ranks by pairwise comparison (unrolled over
-  the candidates: small N only); `select_keep_radix` finds the λ-th largest score by a radix search on the
-  scores' order-preserving integer keys instead (any N).
+- `select_keep`: the top-λ split of the scores per (batch, head): a radix search on the scores'
+  order-preserving integer keys finds the λ-th largest score, then one pass splits the row (any N).
 - `fold`: H += Σ φ(k)vᵀ, s += Σ φ(k) in place, from given φ(k) or, in `fold_keys`, from the keys
   picked by an index list (the dropped ones), φ computed on the fly (reference: `reference.fold`).
 Each fold program owns one (batch, head) and a slice of D columns of H, so the sums need no atomics
@@ -156,29 +155,6 @@ def _fold_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, i
 
 
 @triton.jit
-def _select_kernel(scores_ptr, keep_ptr, drop_ptr, n, capacity, NP: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Top-`capacity` of one (batch, head)'s n scores: rank_i = #{j : s_j > s_i, or s_j = s_i and j < i}
-    (a stable descending sort's position); keep rank < capacity. Both lists in candidate order."""
-    pid = tl.program_id(0).to(tl.int64)
-    idx = tl.arange(0, NP)
-    valid = idx < n
-    row = scores_ptr + pid * n
-    s_all = tl.load(row + idx, mask=valid, other=float("-inf"))
-    rank = tl.zeros([NP], tl.int32)
-    for c0 in tl.static_range(0, NP, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        s_c = tl.load(row + c, mask=c < n, other=float("-inf"))
-        ahead = (s_c[None, :] > s_all[:, None]) | ((s_c[None, :] == s_all[:, None]) & (c[None, :] < idx[:, None]))
-        rank += tl.sum((ahead & (c < n)[None, :]).to(tl.int32), axis=1)
-    keep = valid & (rank < capacity)
-    drop = valid & (rank >= capacity)
-    keep_at = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    drop_at = tl.cumsum(drop.to(tl.int32), axis=0) - 1
-    tl.store(keep_ptr + pid * capacity + keep_at, idx.to(tl.int64), mask=keep)
-    tl.store(drop_ptr + pid * (n - capacity) + drop_at, idx.to(tl.int64), mask=drop)
-
-
-@triton.jit
 def _order_key(s):
     """fp32 -> int32 whose signed order is the float order (NaN-free; -0.0 and +0.0 both map to 0)."""
     bits = s.to(tl.int32, bitcast=True)
@@ -206,8 +182,8 @@ def _write_split(key, valid, i, t, tie_quota, tie_base, kept_base, keep_row, dro
 
 
 @triton.jit
-def _select_radix_kernel(scores_ptr, keep_ptr, drop_ptr, n, capacity, BLOCK: tl.constexpr,
-                         ONE_BLOCK: tl.constexpr, BITS: tl.constexpr):
+def _select_kernel(scores_ptr, keep_ptr, drop_ptr, n, capacity, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                   BITS: tl.constexpr):
     """Top-`capacity` of one (batch, head)'s n scores without ranking pairs.
 
     The scores' order keys (`_order_key`) are searched digit by digit, BITS bits per pass from the top,
@@ -354,33 +330,27 @@ def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_f
     )
 
 
-def select_keep(scores: torch.Tensor, capacity: int, block_c: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `reference.select_keep`: the same keep [B,H,capacity] (top scores, ties to the
-    earlier candidate, in candidate order); drop [B,H,N-capacity] lists the rest in candidate order
-    (the reference lists them by descending score; folding does not care)."""
-    b, n_heads, n = scores.shape
-    if not 0 <= capacity <= n:
-        raise ValueError(f"capacity {capacity} outside 0..{n}")
-    scores = scores.float().contiguous()
-    keep = torch.empty(b, n_heads, capacity, dtype=torch.long, device=scores.device)
-    drop = torch.empty(b, n_heads, n - capacity, dtype=torch.long, device=scores.device)
-    if n:
-        np_ = block(n)
-        _select_kernel[(b * n_heads,)](scores, keep, drop, n, capacity, NP=np_, BLOCK_C=min(block_c, np_),
-                                       num_warps=8)
-    return keep, drop
+def default_radix_bits(n: int) -> int:
+    """`select_keep`'s bits per pass for rows of n candidates: 4 up to 512 (rounded up to a power of two), 2 above.
+    On the H200 (docs/runs/h200-select-2026-11-29.txt), µs per layer for bits 1/2/4: N = 320: 9.3/6.4/5.7,
+    N = 832: 11.5/8.1/8.5, N = 1088: 14.1/10.7/14.0."""
+    return 4 if block(n) <= 512 else 2
 
 
-def select_keep_radix(scores: torch.Tensor, capacity: int, radix_bits: int = 4, block_max: int = 4096,
-                      num_warps: int | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`select_keep` by a radix search for the capacity-th largest score: the same keep and drop (both in
-    candidate order) for any number of candidates, in 32 / radix_bits counting passes over the row plus
-    one to split it. Rows of up to `block_max` candidates (rounded up to a power of two) are held in
-    registers, longer ones are streamed in chunks of block_max on every pass. Scores must be NaN-free
+def select_keep(scores: torch.Tensor, capacity: int, radix_bits: int | None = None, block_max: int = 4096,
+                num_warps: int | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `reference.select_keep`: the same keep [B,H,capacity] (top scores, ties to the earlier
+    candidate, in candidate order); drop [B,H,N-capacity] lists the rest in candidate order (the reference lists
+    them by descending score; folding does not care). A radix search for the capacity-th largest score, any
+    number of candidates, in 32 / radix_bits counting passes over the row plus one to split it; radix_bits
+    defaults to `default_radix_bits(N)`. Rows of up to `block_max` candidates (rounded up to a power of two) are
+    held in registers, longer ones are streamed in chunks of block_max on every pass. Scores must be NaN-free
     (±inf is fine). `out`, when given, is a contiguous int64 (keep, drop) pair to write into."""
     b, n_heads, n = scores.shape
     if not 0 <= capacity <= n:
         raise ValueError(f"capacity {capacity} outside 0..{n}")
+    if radix_bits is None:
+        radix_bits = default_radix_bits(n)
     if radix_bits not in (1, 2, 4, 8):
         raise ValueError(f"radix_bits {radix_bits} must divide 32")
     scores = scores.float().contiguous()
@@ -394,8 +364,8 @@ def select_keep_radix(scores: torch.Tensor, capacity: int, radix_bits: int = 4, 
         block_n = block(n) if one_block else block_max
         if num_warps is None:
             num_warps = 4 if block_n <= 512 else 8
-        _select_radix_kernel[(b * n_heads,)](scores, keep, drop, n, capacity, BLOCK=block_n, ONE_BLOCK=one_block,
-                                             BITS=radix_bits, num_warps=num_warps)
+        _select_kernel[(b * n_heads,)](scores, keep, drop, n, capacity, BLOCK=block_n, ONE_BLOCK=one_block,
+                                       BITS=radix_bits, num_warps=num_warps)
     return keep, drop
 
 

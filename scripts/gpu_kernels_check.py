@@ -11,7 +11,7 @@ model's worth of layers (distinct buffers per layer), eager and replayed inside 
 Triton vs the reference (torch eager). Prints a table last; writes JSON and the table to --out.
 `--pytest` runs tests/test_kernels.py compiled on the GPU instead (TRITON_INTERPRET=0). `--select` runs only
 the select_keep checks and timings (λ = 256, 768, 1024 with C = 64 more candidates, both head counts: the
-pairwise kernel, the radix search and the torch stable sort).
+radix search per radix_bits and the torch stable sort).
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ SELECT_LAMS = (256, 768, 1024)  # λ of the selection checks and timings (C = 64
 
 
 def check_select(ref, ops, te, results):
-    """select_keep against the stable sort at λ + C candidates: the radix search (every knob) and the dispatch
-    of ops, on continuous scores and on scores with heavy ties and -inf (the same keep; drop = the rest)."""
+    """select_keep against the stable sort at λ + C candidates: the radix search (every knob) and ops (its
+    defaults), on continuous scores and on scores with heavy ties and -inf (the same keep; drop = the rest)."""
     for i, lam in enumerate(SELECT_LAMS):
         n = lam + 64
         name = f"select_keep λ={lam} N={n}"
@@ -231,13 +231,13 @@ def check_select(ref, ops, te, results):
                     variants = {f"radix bits={bits}": {"radix_bits": bits} for bits in ((4,) if SMOKE else (1, 2, 4))}
                     variants["radix chunks of 256"] = {"block_max": 256}
                     for label, knobs in variants.items():
-                        keep, drop = te.select_keep_radix(scores, capacity, **knobs)
+                        keep, drop = te.select_keep(scores, capacity, **knobs)
                         same = torch.equal(keep, keep_want) and torch.equal(drop, drop_want)
                         record(results, f"{name} {kind} capacity={capacity} {label} (0 = identical)",
                                0.0 if same else math.nan, 1e-4)
                     keep, drop = ops.select_keep(scores, capacity)
                     same = torch.equal(keep, keep_want) and torch.equal(drop.sort(-1).values, drop_want)
-                    record(results, f"{name} {kind} capacity={capacity} ops dispatch (0 = identical)",
+                    record(results, f"{name} {kind} capacity={capacity} ops.select_keep (0 = identical)",
                            0.0 if same else math.nan, 1e-4)
         except Exception:  # noqa: BLE001 - a harness: report every failure, go on with the rest
             record_failure(results, name)
@@ -364,8 +364,7 @@ def time_eviction(ref, ops, te, results, shape_name: str, shape: dict) -> None:
 
 def time_select(ref, ops, te, results, shape_name: str, shape: dict) -> None:
     """select_keep at λ + C candidates per head, graph-replayed over one model's layers: the torch stable sort
-    (reference), the radix search with 1, 2 and 4 bits per pass, the pairwise kernel where it serves
-    (≤ ops.SELECT_PAIRWISE_MAX candidates), and what ops dispatches to."""
+    (reference), the radix search with 1, 2 and 4 bits per pass and at 4 warps, and ops (the default bits)."""
     n_layers = 2 if SMOKE else shape["layers"]
     for lam in SELECT_LAMS:
         n = lam + shape["c"]
@@ -373,11 +372,9 @@ def time_select(ref, ops, te, results, shape_name: str, shape: dict) -> None:
         what = f"{shape_name} select_keep λ={lam} (N={n}, H={shape['h']})"
         impls = {"torch stable sort (reference)": ref.select_keep}
         for bits in (1, 2, 4):
-            impls[f"radix bits={bits}"] = lambda s, c, bits=bits: te.select_keep_radix(s, c, radix_bits=bits)
-        impls["radix bits=4 num_warps=4"] = lambda s, c: te.select_keep_radix(s, c, num_warps=4)
-        if 1 << (n - 1).bit_length() <= ops.SELECT_PAIRWISE_MAX:
-            impls["pairwise"] = te.select_keep
-        impls["ops.select_keep (dispatch)"] = ops.select_keep
+            impls[f"radix bits={bits}"] = lambda s, c, bits=bits: te.select_keep(s, c, radix_bits=bits)
+        impls[f"radix bits={te.default_radix_bits(n)} num_warps=4"] = lambda s, c: te.select_keep(s, c, num_warps=4)
+        impls["ops.select_keep"] = ops.select_keep
         for impl, fn in impls.items():
             add_timing(results, what, impl, True,
                        lambda fn=fn, scores=scores, lam=lam: [fn(s, lam) for s in scores], n_layers)

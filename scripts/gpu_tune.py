@@ -100,10 +100,13 @@ def tune_shape(shape_name, shape, ref, ta, te, moves, rows) -> None:
                   te._fold(None, e["cand_k"], e["cand_pos"], e["cand_v"], dr, e["h_state"], e["s_state"],
                            e["phi_weight"], None, False, block_n=block_n, block_dv=block_dv, num_warps=warps)
                   for e, dr in zip(evs, drops)], n)
-    for (block_c,) in grid((32, 64, 128)):
-        timed(rows, shape_name, "select_keep", {"block_c": block_c}, block_c == 32,
-              lambda block_c=block_c: [te.select_keep(s, e["capacity"], block_c=block_c)
-                                       for s, e in zip(scores, evs)], n)
+    n_cand = scores[0].shape[-1]
+    select_default = (te.default_radix_bits(n_cand), 4 if te.block(n_cand) <= 512 else 8)
+    for bits, warps in grid((1, 2, 4), (4, 8)):
+        timed(rows, shape_name, "select_keep", {"radix_bits": bits, "num_warps": warps},
+              (bits, warps) == select_default,
+              lambda bits=bits, warps=warps: [te.select_keep(s, e["capacity"], radix_bits=bits, num_warps=warps)
+                                              for s, e in zip(scores, evs)], n)
     tune_moves(shape_name, shape, n, ref, moves, rows)
 
 

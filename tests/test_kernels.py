@@ -201,21 +201,9 @@ def test_fold(dims):
     assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
 
 
-@pytest.mark.parametrize(("n", "capacity", "levels"), [(37, 20, 5), (320, 256, 0), (40, 0, 3), (24, 24, 0)])
-def test_select_keep(n, capacity, levels):
-    """Same keep as the stable sort, ties (levels > 0: few distinct scores) to the earlier candidate."""
-    draw = Draw(n + capacity)
-    scores = draw.uniform(2, 3, n)
-    if levels:
-        scores = (scores * levels).floor()
-    keep_want, drop_want = ref.select_keep(scores, capacity)
-    keep, drop = triton_eviction.select_keep(scores, capacity)
-    assert torch.equal(keep, keep_want)
-    assert torch.equal(drop.sort(-1).values, drop_want.sort(-1).values)
-
-
-SELECT_RADIX_CASES = [  # N, capacities, scores: "normal", "ties" (4 distinct values) or "ties+inf" (-inf too)
+SELECT_CASES = [  # N, capacities, scores: "normal", "ties" (4 distinct values) or "ties+inf" (-inf too)
     (5, (0, 1, 4, 5), "ties"),
+    (37, (20,), "normal"),
     (320, (256, 319, 0, 120), "ties"),  # 120: the cut falls among the zeros (±0.0)
     (832, (768, 831, 832), "ties+inf"),  # the default model's λ = 768 + C = 64
     (1088, (1024, 1), "normal"),
@@ -239,14 +227,14 @@ def check_select(scores, capacity, **knobs):
     b, h, n = scores.shape
     out = (torch.full((b, h, capacity), -1, dtype=torch.long, device=DEVICE),
            torch.full((b, h, n - capacity), -1, dtype=torch.long, device=DEVICE))
-    keep, drop = triton_eviction.select_keep_radix(scores, capacity, out=out, **knobs)
+    keep, drop = triton_eviction.select_keep(scores, capacity, out=out, **knobs)
     assert keep is out[0] and drop is out[1]
     assert torch.equal(keep, keep_want), f"capacity {capacity}"
     assert torch.equal(drop, drop_want.sort(-1).values), f"capacity {capacity}"  # the rest, in candidate order
 
 
-@pytest.mark.parametrize(("n", "capacities", "kind"), SELECT_RADIX_CASES, ids=lambda c: str(c))
-def test_select_keep_radix(n, capacities, kind):
+@pytest.mark.parametrize(("n", "capacities", "kind"), SELECT_CASES, ids=lambda c: str(c))
+def test_select_keep(n, capacities, kind):
     """The radix search gives the stable sort's keep at any N: ties to the earlier candidate, -inf, 0 and N."""
     scores = select_scores(Draw(n), n, kind)
     for capacity in capacities:
@@ -255,28 +243,31 @@ def test_select_keep_radix(n, capacities, kind):
 
 @pytest.mark.parametrize(("n", "capacity", "knobs"), [
     (2100, 1000, {"block_max": 512}),  # streamed in chunks, the last one partial
-    (1088, 1088, {"block_max": 512}),
+    (1088, 1088, {"block_max": 512, "radix_bits": 4}),
     (832, 768, {"radix_bits": 1}),
     (320, 319, {"radix_bits": 2}),
     (320, 3, {"radix_bits": 8}),
 ], ids=str)
-def test_select_keep_radix_knobs(n, capacity, knobs):
+def test_select_keep_knobs(n, capacity, knobs):
     check_select(select_scores(Draw(n + 1), n, "ties+inf"), capacity, **knobs)
 
 
+def test_select_default_radix_bits():
+    """4 bits per pass up to 512 candidates (rounded up to a power of two), 2 above: the H200's fastest."""
+    assert [triton_eviction.default_radix_bits(n) for n in (5, 320, 512, 513, 832, 1088, 5000)] == [4, 4, 4, 2, 2, 2, 2]
+
+
 def test_select_dispatch(monkeypatch):
-    """ops.select_keep: the pairwise kernel up to SELECT_PAIRWISE_MAX candidates, the radix search past it."""
+    """ops.select_keep runs the Triton kernel for any number of candidates (no fallback to the sort)."""
     monkeypatch.setenv("LOLACHAT_TRITON", "1")
     used = []
-    for name in ("select_keep", "select_keep_radix"):
-        kernel = getattr(triton_eviction, name)
-        monkeypatch.setattr(triton_eviction, name, lambda s, c, kernel=kernel, name=name: used.append(name) or
-                            kernel(s, c))
+    kernel = triton_eviction.select_keep
+    monkeypatch.setattr(triton_eviction, "select_keep", lambda s, c: used.append(s.shape[-1]) or kernel(s, c))
     draw = Draw(5)
-    for n in (ops.SELECT_PAIRWISE_MAX, ops.SELECT_PAIRWISE_MAX + 1):
+    for n in (70, 512, 513):
         scores = draw.normal(1, 2, n)
         assert torch.equal(ops.select_keep(scores, n - 64)[0], ref.select_keep(scores, n - 64)[0])
-    assert used == ["select_keep", "select_keep_radix"]
+    assert used == [70, 512, 513]
 
 
 EVICT_CASES = [  # B, H, D, F, λ, C, dtype, phi_input
@@ -284,7 +275,7 @@ EVICT_CASES = [  # B, H, D, F, λ, C, dtype, phi_input
     (2, 3, 24, 24, 10, 6, torch.float32, "post_rope"),
     (1, 2, 64, 128, 40, 16, torch.bfloat16, "post_rope"),
     (1, 2, 64, 128, 0, 16, torch.float32, "pre_rope"),  # λ = 0 would fold the whole chunk
-    (1, 2, 16, 32, 768, 64, torch.float32, "pre_rope"),  # the default model's λ: the radix search selects
+    (1, 2, 16, 32, 768, 64, torch.float32, "pre_rope"),  # the default model's λ (832 candidates)
 ]
 
 
@@ -319,7 +310,7 @@ def test_evict_compete(case):
     assert rel_err(h_got, h_want) < TOL[dtype] and rel_err(s_got, s_want) < TOL[dtype]
 
 
-@pytest.mark.parametrize(("capacity", "c"), [(12, 8), (768, 64)])  # pairwise / radix selection
+@pytest.mark.parametrize(("capacity", "c"), [(12, 8), (768, 64)])  # 20 / 832 candidates
 def test_evict_compete_group_selection(capacity, c):
     """Group selection: each pair of query heads ranks by the pair's larger error and keeps the same set."""
     b, h, d, f, group = 1, 4, 16, 32, 2
