@@ -27,11 +27,9 @@ from . import reference as ref
 from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  # noqa: F401
 
 try:
-    import triton
-
     from . import triton_attention, triton_eviction, triton_gemv, triton_moves, triton_norm
 except ImportError:  # no Triton on this platform: the reference serves everything
-    triton = triton_attention = triton_eviction = triton_gemv = triton_moves = triton_norm = None
+    triton_attention = triton_eviction = triton_gemv = triton_moves = triton_norm = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
