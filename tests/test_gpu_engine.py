@@ -108,7 +108,8 @@ def test_block_graph_body_matches_cpu_engine(sparse, cap, small_blocks, monkeypa
 
 def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, monkeypatch):
     """The same steady-state blocks with every op on its Triton kernel (interpreted on the CPU): attention,
-    eviction, its data movement and the norms, as the GPU runs them."""
+    eviction, its data movement and the norms, as the GPU runs them; then decode steps through the fused
+    GEMVs (norm + q/k/v + window write, o + residual, norm + gate/up + SiLU, down + residual, norm + head)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("LOLACHAT_TRITON", "1")
     _, ref, mine = pair(16)
