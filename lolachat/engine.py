@@ -249,7 +249,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     cfg = None
     if adapter is not None:
         cfg = LolaConfig(
-            chunk=window or adapter.metadata.get("chunk") or lola_defaults.get("window", 64),
+            # the model's runtime choice first: an adapter's chunk is only the C it was trained with
+            chunk=window or lola_defaults.get("window") or adapter.metadata.get("chunk") or 64,
             sparse=lola_defaults.get("sparse", 256) if sparse == "auto" else int(sparse),
             mix=mix or "lola",
             max_distance=max_distance or lola_defaults.get("max_distance") or max(1, args.max_position // 2),

@@ -76,7 +76,7 @@ def test_default_alias_runs_lola_with_the_shipped_adapter(real_gguf):
     out = json.loads(result.stdout)
     engine = out["engine"]
     # the manifest's settings, and the shipped adapter's identity (sessions check it)
-    assert (engine["mode"], engine["sparse"], engine["selection"], engine["state_halflife"]) == ("lola", 768, "group",
-                                                                                              8192)
+    assert (engine["mode"], engine["window"], engine["sparse"], engine["selection"], engine["state_halflife"]) == (
+        "lola", 256, 384, "group", 8192)
     assert len(engine["adapter_sha256"]) == 16
     assert "Paris" in out["reply"]
