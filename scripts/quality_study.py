@@ -49,6 +49,8 @@ SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None i
     # the default's memory rows per KV head (2C + λ = 896), more of them in the exact window (docs/quality.md §9)
     "C=128 λ=640 group half-life 8K": {"window": 128, "sparse": 640, "selection": "group", "state_halflife": 8192},
     "C=256 λ=384 group half-life 8K": {"window": 256, "sparse": 384, "selection": "group", "state_halflife": 8192},
+    "C=256 λ=384 group": {"window": 256, "sparse": 384, "selection": "group"},
+    "C=384 λ=128 group half-life 8K": {"window": 384, "sparse": 128, "selection": "group", "state_halflife": 8192},
     "λ=0 half-life 2K": {"sparse": 0, "state_halflife": 2048},
     # the same with --alt-adapter
     "alt λ=768 group": {"adapter": "alt", "sparse": 768, "selection": "group"},
