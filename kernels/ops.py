@@ -110,16 +110,17 @@ def evict_compete(
     phi_input: str,
     group: int = 1,
 ) -> torch.Tensor:
-    """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold), one more for
-    the group maximum when `group` > 1."""
+    """See `reference.evict_compete`. Triton: three launches (scores, which also store φ(k); top-λ split; fold
+    of the dropped rows' stored φ), one more for the group maximum when `group` > 1."""
     if not use_triton(cand_v):
         return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
                                  phi_input, group)
     post_rope = phi_input == "post_rope"
+    phi = triton_eviction.phi_scratch(cand_v.shape[:3], h_state.shape[2], cand_v.device)
     scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
-                                           post_rope)
+                                           post_rope, phi_out=phi)
     keep, drop = select_keep(ref.group_max(scores, group), capacity)
-    triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq, post_rope)
+    triton_eviction.fold_picked(phi, cand_v, drop, h_state, s_state)
     return keep
 
 

@@ -29,6 +29,8 @@ from .triton_common import (
     block,
     cos_sin,
     dot_act,
+    dot_rows,
+    dot_rows_t,
     hedgehog_features,
     linear_readout,
     load_act_rows,
@@ -83,29 +85,43 @@ def _extent(t_valid, q_pos, wstart_ptr, window_start, slen_ptr, sparse_len, wind
 
 
 @triton.jit
-def _softmax_step(m, den, acc, logits, v, ACT: tl.constexpr):
-    """Fold one block of scaled logits [BT, BN] (−inf = masked) and values [BN, BD] into (m, den, acc)."""
+def _softmax_step(m, den, acc, logits, v, ACT: tl.constexpr, VEC: tl.constexpr):
+    """Fold one block of scaled logits [BT, BN] (−inf = masked) and values [BN, BD] into (m, den, acc).
+    VEC (one query): p stays float32 and meets v in plain products; else p is rounded for the tensor cores."""
     m_new = tl.maximum(m, tl.max(logits, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
     p = tl.exp(logits - m_safe[:, None])
     den = den * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + dot_act(p, v, ACT)
+    if VEC:
+        acc = acc * alpha[:, None] + dot_rows(p, v)
+    else:
+        acc = acc * alpha[:, None] + dot_act(p, v, ACT)
     return m_new, den, acc
 
 
 @triton.jit
-def _rotated_logits(qr1, qr2, k1, k2, k_pos, inv_freq, ACT: tl.constexpr, TRIG: tl.constexpr):
+def _logits(q1, q2, k1, k2, ACT: tl.constexpr, VEC: tl.constexpr):
+    """q · k over half-split rows: queries [BT, DH], keys [BN, DH]; unscaled, [BT, BN]."""
+    if VEC:
+        return dot_rows_t(q1, k1) + dot_rows_t(q2, k2)
+    else:
+        return dot_act(q1, tl.trans(k1), ACT) + dot_act(q2, tl.trans(k2), ACT)
+
+
+@triton.jit
+def _rotated_logits(qr1, qr2, k1, k2, k_pos, inv_freq, ACT: tl.constexpr, TRIG: tl.constexpr, VEC: tl.constexpr):
     """q_rot · k_rot for keys k (pre-RoPE halves) rotated at their positions; unscaled, [BT, BN]."""
     kc, ks = cos_sin(k_pos, inv_freq, TRIG)
     kr1, kr2 = rotate(k1.to(tl.float32), k2.to(tl.float32), kc, ks, ACT)
-    return dot_act(qr1, tl.trans(kr1), ACT) + dot_act(qr2, tl.trans(kr2), ACT)
+    return _logits(qr1, qr2, kr1, kr2, ACT, VEC)
 
 
 @triton.jit
 def _sparse_block(m, den, acc, n0, sk_head, sv_head, spos_head, ss_n, n_sparse, q_pos, qr1, qr2, qcap1, qcap2,
                   inv_freq, scale, max_distance, d, d_half, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
-                  BLOCK_D: tl.constexpr, ACT: tl.constexpr, HAS_CAP: tl.constexpr, TRIG: tl.constexpr):
+                  BLOCK_D: tl.constexpr, ACT: tl.constexpr, HAS_CAP: tl.constexpr, TRIG: tl.constexpr,
+                  VEC: tl.constexpr):
     """Sparse-cache keys n0..n0+BLOCK_N at their own positions, distance capped at max_distance."""
     n = n0 + tl.arange(0, BLOCK_N)
     n_valid = n < n_sparse
@@ -114,18 +130,18 @@ def _sparse_block(m, den, acc, n0, sk_head, sv_head, spos_head, ss_n, n_sparse, 
     k_pos = tl.load(spos_head + n, mask=n_valid, other=0)
     v = load_act_rows(sv_head, n, ss_n, n_valid, d, BLOCK_D, ACT)
     if HAS_CAP:
-        far = dot_act(qcap1, tl.trans(k1), ACT) + dot_act(qcap2, tl.trans(k2), ACT)
-    logits = _rotated_logits(qr1, qr2, k1, k2, k_pos, inv_freq, ACT, TRIG)
+        far = _logits(qcap1, qcap2, k1, k2, ACT, VEC)
+    logits = _rotated_logits(qr1, qr2, k1, k2, k_pos, inv_freq, ACT, TRIG, VEC)
     if HAS_CAP:
         logits = tl.where((q_pos[:, None] - k_pos[None, :]) > max_distance, far, logits)
     logits = tl.where(n_valid[None, :], logits * scale, float("-inf"))
-    return _softmax_step(m, den, acc, logits, v, ACT)
+    return _softmax_step(m, den, acc, logits, v, ACT, VEC)
 
 
 @triton.jit
 def _window_block(m, den, acc, j0, wk_head, wv_head, sw_n, n_window, w_start, q_pos, qr1, qr2, inv_freq, scale,
                   d, d_half, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
-                  ACT: tl.constexpr, TRIG: tl.constexpr):
+                  ACT: tl.constexpr, TRIG: tl.constexpr, VEC: tl.constexpr):
     """Window slots j0..j0+BLOCK_N (slot j holds position w_start + j), causal against each query."""
     j = j0 + tl.arange(0, BLOCK_N)
     j_valid = j < n_window
@@ -133,23 +149,23 @@ def _window_block(m, den, acc, j0, wk_head, wv_head, sw_n, n_window, w_start, q_
     k2 = load_act_rows(wk_head + d_half, j, sw_n, j_valid, d_half, BLOCK_DH, ACT)
     v = load_act_rows(wv_head, j, sw_n, j_valid, d, BLOCK_D, ACT)
     k_pos = w_start + j.to(tl.int64)
-    logits = _rotated_logits(qr1, qr2, k1, k2, k_pos, inv_freq, ACT, TRIG)
+    logits = _rotated_logits(qr1, qr2, k1, k2, k_pos, inv_freq, ACT, TRIG, VEC)
     seen = j_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
     logits = tl.where(seen, logits * scale, float("-inf"))
-    return _softmax_step(m, den, acc, logits, v, ACT)
+    return _softmax_step(m, den, acc, logits, v, ACT, VEC)
 
 
 @triton.jit
 def _linear_term(q_head, t, t_valid, sq_t, qr1, qr2, phiw_head, h_head, s_head, d, f_half,
                  BLOCK_DH: tl.constexpr, BLOCK_FH: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PHI_POST_ROPE: tl.constexpr):
+                 PHI_POST_ROPE: tl.constexpr, VEC: tl.constexpr):
     """φ(q)ᵀH [BT, BD] and φ(q)ᵀs [BT]; φ of the rotated or (reloaded) pre-RoPE queries."""
     if PHI_POST_ROPE:
         x1, x2 = qr1.to(tl.float32), qr2.to(tl.float32)
     else:
         x1, x2 = load_halves(q_head, t, sq_t, t_valid, d // 2, d // 2, BLOCK_DH)
-    phi_a, phi_b = hedgehog_features(x1, x2, phiw_head, d // 2, f_half, BLOCK_DH, BLOCK_FH)
-    return linear_readout(phi_a, phi_b, h_head, s_head, f_half, d, BLOCK_FH, BLOCK_D)
+    phi_a, phi_b = hedgehog_features(x1, x2, phiw_head, d // 2, f_half, BLOCK_DH, BLOCK_FH, VEC)
+    return linear_readout(phi_a, phi_b, h_head, s_head, f_half, d, BLOCK_FH, BLOCK_D, VEC)
 
 
 @triton.jit
@@ -179,7 +195,7 @@ def _single_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_FH: tl.constexpr, ACT: tl.constexpr, QPOS_TENSOR: tl.constexpr, START_TENSOR: tl.constexpr,
     SLEN_TENSOR: tl.constexpr, HAS_CAP: tl.constexpr, MIX_LOLA: tl.constexpr,
-    PHI_POST_ROPE: tl.constexpr, TRIG: tl.constexpr,
+    PHI_POST_ROPE: tl.constexpr, TRIG: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -202,16 +218,16 @@ def _single_kernel(
     for n0 in range(0, n_sparse, BLOCK_N):
         m, den, acc = _sparse_block(m, den, acc, n0, sk_head, sv_head, spos_head, ss_n, n_sparse, q_pos, qr1, qr2,
                                   qcap1, qcap2, inv_freq, scale, max_distance, d, d_half, BLOCK_N, BLOCK_DH,
-                                  BLOCK_D, ACT, HAS_CAP, TRIG)
+                                  BLOCK_D, ACT, HAS_CAP, TRIG, VEC)
     wk_head = wk_ptr + b * sw_b + hk * sw_h
     wv_head = wv_ptr + b * sw_b + hk * sw_h
     for j0 in range(0, n_window, BLOCK_N):
         m, den, acc = _window_block(m, den, acc, j0, wk_head, wv_head, sw_n, n_window, w_start, q_pos, qr1, qr2,
-                                  inv_freq, scale, d, d_half, BLOCK_N, BLOCK_DH, BLOCK_D, ACT, TRIG)
+                                  inv_freq, scale, d, d_half, BLOCK_N, BLOCK_DH, BLOCK_D, ACT, TRIG, VEC)
     state = pid_bh.to(tl.int64) * 2 * f_half
     lin_num, lin_den = _linear_term(q_head, t, t_valid, sq_t, qr1, qr2, phiw_ptr + h * d * f_half,
                                     h_ptr + state * d, s_ptr + state, d, f_half, BLOCK_DH, BLOCK_FH, BLOCK_D,
-                                    PHI_POST_ROPE)
+                                    PHI_POST_ROPE, VEC)
     g = tl.load(gamma_ptr + h).to(tl.float32)
     _mix_and_store(out_ptr + b * so_b + h * so_h, t, t_valid, so_t, acc, den, m, lin_num, lin_den, g, d, BLOCK_D,
                    ACT, MIX_LOLA)
@@ -228,7 +244,8 @@ def _split_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_FH: tl.constexpr, ACT: tl.constexpr, QPOS_TENSOR: tl.constexpr, START_TENSOR: tl.constexpr,
     SLEN_TENSOR: tl.constexpr, HAS_CAP: tl.constexpr, MIX_LOLA: tl.constexpr,
-    PHI_POST_ROPE: tl.constexpr, TRIG: tl.constexpr, SPARSE_BLOCKS: tl.constexpr, SPLITS: tl.constexpr,
+    PHI_POST_ROPE: tl.constexpr, TRIG: tl.constexpr, VEC: tl.constexpr, SPARSE_BLOCKS: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     """Program (x, bh): query block x // SPLITS; part x % SPLITS = a sparse block (< SPARSE_BLOCKS), a
     window block, or (the last part) the linear term. Partials live in part_ml [G, SPLITS, 2, BT]
@@ -260,11 +277,11 @@ def _split_kernel(
             m, den, acc = _sparse_block(m, den, acc, part * BLOCK_N, sk_ptr + b * ss_b + h * ss_h,
                                       sv_ptr + b * ss_b + h * ss_h, spos_ptr + b * sp_b + h * sp_h, ss_n,
                                       n_sparse, q_pos, qr1, qr2, qcap1, qcap2, inv_freq, scale, max_distance,
-                                      d, d_half, BLOCK_N, BLOCK_DH, BLOCK_D, ACT, HAS_CAP, TRIG)
+                                      d, d_half, BLOCK_N, BLOCK_DH, BLOCK_D, ACT, HAS_CAP, TRIG, VEC)
         else:
             m, den, acc = _window_block(m, den, acc, (part - SPARSE_BLOCKS) * BLOCK_N, wk_ptr + b * sw_b + hk * sw_h,
                                       wv_ptr + b * sw_b + hk * sw_h, sw_n, n_window, w_start, q_pos, qr1, qr2,
-                                      inv_freq, scale, d, d_half, BLOCK_N, BLOCK_DH, BLOCK_D, ACT, TRIG)
+                                      inv_freq, scale, d, d_half, BLOCK_N, BLOCK_DH, BLOCK_D, ACT, TRIG, VEC)
         tl.store(ml_slot + rows, m)
         tl.store(ml_slot + BLOCK_T + rows, den)
         tl.store(acc_slot + acc_tile, acc)
@@ -272,7 +289,7 @@ def _split_kernel(
         state = pid_bh.to(tl.int64) * 2 * f_half
         lin_num, lin_den = _linear_term(q_head, t, t_valid, sq_t, qr1, qr2, phiw_ptr + h * d * f_half,
                                         h_ptr + state * d, s_ptr + state, d, f_half, BLOCK_DH, BLOCK_FH,
-                                        BLOCK_D, PHI_POST_ROPE)
+                                        BLOCK_D, PHI_POST_ROPE, VEC)
         tl.store(ml_slot + BLOCK_T + rows, lin_den)
         tl.store(acc_slot + acc_tile, lin_num)
     tl.debug_barrier()  # every thread's partial is written before the counter moves (release below)
@@ -354,13 +371,14 @@ def _last_unit(x: torch.Tensor) -> torch.Tensor:
 def lola_attention(q_pre, q_pos, window_k, window_v, window_start, sparse_k, sparse_v, sparse_pos,
                    h_state, s_state, gamma, phi_weight, inv_freq, scale, mix, max_distance, phi_input,
                    sparse_len=None, out=None, split: bool | None = None, block_t: int = 16, block_n: int | None = None,
-                   num_warps: int = 8, trig: str | None = None):
+                   num_warps: int = 8, trig: str | None = None, vec: bool | None = None):
     """Triton version of `reference.lola_attention` (same arguments and result).
 
     Trailing tuning knobs: `split` (the split kernel or the single-program one; None picks by
     `prefer_split`), query/key tile sizes (block_n None: 128 keys per split part, 64 per step of the
-    single kernel, the H200's best in scripts/gpu_tune.py), warps, and `trig`, how RoPE's sin/cos are
-    computed (see triton_common.cos_sin)."""
+    single kernel, the H200's best in scripts/gpu_tune.py), warps, `trig`, how RoPE's sin/cos are
+    computed (see triton_common.cos_sin), and `vec`: one query per program and plain float32 products
+    instead of tensor-core tiles padded to 16 queries (None: when there is one query, i.e. decode)."""
     if mix not in ("lola", "lolcats"):
         raise ValueError(f"unknown mix {mix!r} (expected 'lola' or 'lolcats')")
     b, n_heads, t, d = q_pre.shape
@@ -397,6 +415,10 @@ def lola_attention(q_pre, q_pos, window_k, window_v, window_start, sparse_k, spa
         t, window_k.shape[2], n_heads, n_heads // window_k.shape[1], d, f_half, float(scale),
         0 if max_distance is None else int(max_distance),
     )
+    if vec is None:
+        vec = t == 1
+    if vec:
+        block_t = 1
     t_blocks = triton.cdiv(t, block_t)
     if split is None:
         split = prefer_split(t_blocks * b * n_heads, device)
@@ -407,7 +429,7 @@ def lola_attention(q_pre, q_pos, window_k, window_v, window_start, sparse_k, spa
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_D=block_d, BLOCK_FH=block(f_half),
         ACT=act_code(q_pre.dtype), QPOS_TENSOR=qpos_is_t, START_TENSOR=start_is_t, SLEN_TENSOR=slen_is_t,
         HAS_CAP=max_distance is not None, MIX_LOLA=mix == "lola", PHI_POST_ROPE=phi_input == "post_rope",
-        TRIG=trig_mode(trig), num_warps=num_warps,
+        TRIG=trig_mode(trig), VEC=vec, num_warps=num_warps,
     )
     if not split:
         _single_kernel[(t_blocks, b * n_heads)](*args, **meta)

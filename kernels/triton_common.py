@@ -94,6 +94,20 @@ def dot_f32(a, b):
     return tl.dot(a, b, input_precision="tf32x3")
 
 
+@triton.jit
+def dot_rows(a, b):
+    """a @ b as float32 products summed in float32, without tensor cores: for a of one row (decode), where
+    tl.dot would pad it to 16 rows and stage both operands through shared memory. Exact products of
+    activation-dtype operands, so the same arithmetic as dot_act up to the order of the sum."""
+    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def dot_rows_t(a, b):
+    """a @ bᵀ, as dot_rows."""
+    return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+
+
 # How RoPE's sin/cos are computed (the TRIG code). On the GPU: 0 = libdevice cosf/sinf (full-range
 # reduction, slow path included: heavy on registers), 1 = Cody–Waite reduction to [−π, π] then the
 # hardware's cos.approx/sin.approx (abs. error ~1e-6). The interpreter has neither, so it runs their
@@ -198,11 +212,12 @@ def _masked_softmax(z, valid):
 
 
 @triton.jit
-def hedgehog_features(x1, x2, w_ptr, d_half, f_half, BLOCK_DH: tl.constexpr, BLOCK_FH: tl.constexpr):
+def hedgehog_features(x1, x2, w_ptr, d_half, f_half, BLOCK_DH: tl.constexpr, BLOCK_FH: tl.constexpr,
+                      VEC: tl.constexpr = False):
     """φ(x) = [softmax(xW), softmax(−xW)] clamped at 1e-12, for half-split rows x1, x2 (float32).
 
     w_ptr: one head's weight [D, F/2], row-major. Returns the two feature halves, each
-    [rows, BLOCK_FH] float32 (padded feature columns are 0).
+    [rows, BLOCK_FH] float32 (padded feature columns are 0). VEC: one row, exact fp32 products (dot_rows).
     """
     k = tl.arange(0, BLOCK_DH)
     f = tl.arange(0, BLOCK_FH)
@@ -211,12 +226,16 @@ def hedgehog_features(x1, x2, w_ptr, d_half, f_half, BLOCK_DH: tl.constexpr, BLO
     w_top = w_ptr + k[:, None] * f_half + f[None, :]
     w1 = tl.load(w_top, mask=w_mask, other=0.0).to(tl.float32)
     w2 = tl.load(w_top + d_half * f_half, mask=w_mask, other=0.0).to(tl.float32)
-    z = dot_f32(x1, w1) + dot_f32(x2, w2)
+    if VEC:
+        z = dot_rows(x1, w1) + dot_rows(x2, w2)
+    else:
+        z = dot_f32(x1, w1) + dot_f32(x2, w2)
     return _masked_softmax(z, f_valid), _masked_softmax(-z, f_valid)
 
 
 @triton.jit
-def linear_readout(phi_a, phi_b, h_ptr, s_ptr, f_half, d, BLOCK_FH: tl.constexpr, BLOCK_D: tl.constexpr):
+def linear_readout(phi_a, phi_b, h_ptr, s_ptr, f_half, d, BLOCK_FH: tl.constexpr, BLOCK_D: tl.constexpr,
+                   VEC: tl.constexpr = False):
     """φᵀH [rows, BLOCK_D] and φᵀs [rows] for one head's fp32 state H [F, D] (row-major) and s [F]."""
     f = tl.arange(0, BLOCK_FH)
     cols = tl.arange(0, BLOCK_D)
@@ -227,6 +246,9 @@ def linear_readout(phi_a, phi_b, h_ptr, s_ptr, f_half, d, BLOCK_FH: tl.constexpr
     h_b = tl.load(h_top + f_half * d, mask=mask, other=0.0)
     s_a = tl.load(s_ptr + f, mask=f_valid, other=0.0)
     s_b = tl.load(s_ptr + f_half + f, mask=f_valid, other=0.0)
-    num = dot_f32(phi_a, h_a) + dot_f32(phi_b, h_b)
+    if VEC:
+        num = dot_rows(phi_a, h_a) + dot_rows(phi_b, h_b)
+    else:
+        num = dot_f32(phi_a, h_a) + dot_f32(phi_b, h_b)
     den = tl.sum(phi_a * s_a[None, :], axis=1) + tl.sum(phi_b * s_b[None, :], axis=1)
     return num, den

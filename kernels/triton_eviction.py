@@ -5,8 +5,9 @@
   computing φ(k) in the same pass from pre-RoPE keys (reference: `reference.self_recall_error`).
 - `select_keep`: the top-λ split of the scores per (batch, head): a radix search on the scores'
   order-preserving integer keys finds the λ-th largest score, then one pass splits the row (any N).
-- `fold`: H += Σ φ(k)vᵀ, s += Σ φ(k) in place, from given φ(k) or, in `fold_keys`, from the keys
-  picked by an index list (the dropped ones), φ computed on the fly (reference: `reference.fold`).
+- `fold`: H += Σ φ(k)vᵀ, s += Σ φ(k) in place, from given φ(k) or from the rows an index list picks
+  (the dropped ones): in `fold_keys` φ of those keys computed on the fly, in `fold_picked` read from
+  the φ rows `recall_scores` stored (`phi_out`), which spares eviction a second φ (reference: `reference.fold`).
 Each fold program owns one (batch, head) and a slice of D columns of H, so the sums need no atomics
 and are deterministic.
 """
@@ -77,11 +78,11 @@ def _hedgehog_kernel(x_ptr, w_ptr, out_ptr, sx_b, sx_h, sx_t, n_rows, n_heads, d
 
 
 @triton.jit
-def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr, out_ptr,
+def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr, out_ptr, phi_out_ptr,
                    n_rows, n_heads, d: tl.constexpr, f_half: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, ACT: tl.constexpr,
-                   POST_ROPE: tl.constexpr, TRIG: tl.constexpr):
+                   POST_ROPE: tl.constexpr, TRIG: tl.constexpr, STORE_PHI: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     h = pid_bh % n_heads
@@ -92,6 +93,12 @@ def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr
         phi_a, phi_b = _key_features(k_ptr + head_rows * d, pos_ptr + head_rows, w_ptr + h * d * f_half,
                                      invf_ptr, n, n_valid, d, f_half, ACT, POST_ROPE, TRIG,
                                      BLOCK_DH, BLOCK_FH)
+        if STORE_PHI:
+            f = tl.arange(0, BLOCK_FH)
+            mask = n_valid[:, None] & (f < f_half)[None, :]
+            phi_row = phi_out_ptr + (head_rows + n[:, None]) * (2 * f_half) + f[None, :]
+            tl.store(phi_row, phi_a, mask=mask)
+            tl.store(phi_row + f_half, phi_b, mask=mask)
     else:
         phi_a, phi_b = _given_features(phi_ptr + head_rows * 2 * f_half, n, n_valid, f_half, BLOCK_FH)
     state = pid_bh * 2 * f_half
@@ -105,9 +112,10 @@ def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr
 def _fold_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, invf_ptr,
                  n_rows, n_picked, n_heads, d: tl.constexpr, f_half: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, ACT: tl.constexpr,
+                 BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, PICKED: tl.constexpr, ACT: tl.constexpr,
                  POST_ROPE: tl.constexpr, TRIG: tl.constexpr):
-    """Fold rows into H[:, D-slice] and (D-slice 0 only) s. With FROM_KEYS the rows are idx[...]."""
+    """Fold rows into H[:, D-slice] and (D-slice 0 only) s: rows idx[...] if PICKED, else all n_picked rows;
+    their φ from the keys (FROM_KEYS) or read from phi."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     h = pid_bh % n_heads
@@ -121,13 +129,15 @@ def _fold_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, i
     for i0 in range(0, n_picked, BLOCK_N):
         i = i0 + tl.arange(0, BLOCK_N)
         i_valid = i < n_picked
-        if FROM_KEYS:
+        if PICKED:
             rows = tl.load(idx_ptr + pid_bh * n_picked + i, mask=i_valid, other=0)
+        else:
+            rows = i
+        if FROM_KEYS:
             phi_a, phi_b = _key_features(k_ptr + head_rows * d, pos_ptr + head_rows,
                                          w_ptr + h * d * f_half, invf_ptr, rows, i_valid, d, f_half,
                                          ACT, POST_ROPE, TRIG, BLOCK_DH, BLOCK_FH)
         else:
-            rows = i
             phi_a, phi_b = _given_features(phi_ptr + head_rows * 2 * f_half, rows, i_valid, f_half,
                                            BLOCK_FH)
         phi_a = tl.where(i_valid[:, None], phi_a, 0.0)
@@ -264,7 +274,7 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor, block_t: int = 32, out=None)
 
 
 def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out=None, block_n=32,
-            num_warps=4):
+            num_warps=4, phi_out=None):
     _check_state(h_state, s_state)
     b, n_heads, n, d = values.shape
     f_half = h_state.shape[2] // 2
@@ -280,10 +290,10 @@ def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, 
         positions.contiguous() if from_keys and post_rope else dummy,
         values, h_state, s_state,
         weight.contiguous() if from_keys else dummy,
-        _inv_freq_arg(inv_freq, values), out, n, n_heads, d, f_half,
+        _inv_freq_arg(inv_freq, values), out, dummy if phi_out is None else phi_out, n, n_heads, d, f_half,
         BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_D=block(d), BLOCK_FH=block(f_half),
         FROM_KEYS=from_keys, ACT=act_code(keys.dtype) if from_keys else 0, POST_ROPE=post_rope,
-        TRIG=trig_mode(None), num_warps=num_warps,
+        TRIG=trig_mode(None), STORE_PHI=phi_out is not None, num_warps=num_warps,
     )
     return out
 
@@ -293,13 +303,19 @@ def self_recall_error(phi_k, values, h_state, s_state, out=None) -> torch.Tensor
     return _recall(phi_k, None, None, values, h_state, s_state, None, None, False, out)
 
 
-def recall_scores(keys, positions, values, h_state, s_state, weight, inv_freq=None, post_rope=False, out=None):
+def recall_scores(keys, positions, values, h_state, s_state, weight, inv_freq=None, post_rope=False, out=None,
+                  phi_out=None):
     """Self-recall error of pre-RoPE keys [B,H,N,D] at positions [B,H,N], φ(k) computed in-kernel.
 
     Equals reference.self_recall_error(reference.hedgehog(k', weight), values, H, s) with k' the keys
-    rotated at their positions when post_rope, else the keys themselves.
+    rotated at their positions when post_rope, else the keys themselves. `phi_out`, a contiguous float32
+    [B,H,N,F] tensor, also receives those φ(k') rows (for `fold_picked`).
     """
-    return _recall(None, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out)
+    if phi_out is not None and (phi_out.dtype != torch.float32 or not phi_out.is_contiguous()
+                                or phi_out.shape != (*values.shape[:3], h_state.shape[2])):
+        raise ValueError("phi_out must be a contiguous float32 [B,H,N,F] tensor")
+    return _recall(None, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out,
+                   phi_out=phi_out)
 
 
 def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope,
@@ -309,7 +325,7 @@ def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_f
     f_half = h_state.shape[2] // 2
     values = values.contiguous()
     from_keys = phi_k is None
-    picked = index.shape[-1] if from_keys else n
+    picked = n if index is None else index.shape[-1]
     if picked == 0:
         return
     dummy = values
@@ -320,13 +336,13 @@ def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_f
         keys.contiguous() if from_keys else dummy,
         positions.contiguous() if from_keys and post_rope else dummy,
         values,
-        index.contiguous() if from_keys else dummy,
+        dummy if index is None else index.contiguous(),
         h_state, s_state,
         weight.contiguous() if from_keys else dummy,
         _inv_freq_arg(inv_freq, values), n, picked, n_heads, d, f_half,
         BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_DV=block_dv, BLOCK_FH=block(f_half),
-        FROM_KEYS=from_keys, ACT=act_code(keys.dtype) if from_keys else 0, POST_ROPE=post_rope,
-        TRIG=trig_mode(None), num_warps=num_warps,
+        FROM_KEYS=from_keys, PICKED=index is not None, ACT=act_code(keys.dtype) if from_keys else 0,
+        POST_ROPE=post_rope, TRIG=trig_mode(None), num_warps=num_warps,
     )
 
 
@@ -378,3 +394,21 @@ def fold_keys(keys, positions, values, index, h_state, s_state, weight, inv_freq
               block_n: int = 32):
     """Fold the pairs index [B,H,M] picks out of keys/values [B,H,N,D] into H, s; φ computed in-kernel."""
     _fold(None, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope, block_n=block_n)
+
+
+_PHI_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def phi_scratch(rows: tuple[int, int, int], features: int, device) -> torch.Tensor:
+    """A float32 [B,H,N,F] buffer for `recall_scores`' φ rows, cached per shape: eviction runs layer after layer
+    on one stream, so the layers share it. Allocate it before capturing a CUDA graph (run the step once first)."""
+    key = (str(device), *rows, features)
+    if key not in _PHI_SCRATCH:
+        _PHI_SCRATCH[key] = torch.empty(*rows, features, dtype=torch.float32, device=device)
+    return _PHI_SCRATCH[key]
+
+
+def fold_picked(phi_k, values, index, h_state, s_state, block_n: int = 32) -> None:
+    """Fold the pairs index [B,H,M] picks out of φ(k) [B,H,N,F] (as `recall_scores` stores them) and values
+    [B,H,N,D] into H, s."""
+    _fold(phi_k, None, None, values, index, h_state, s_state, None, None, False, block_n=block_n)

@@ -156,10 +156,13 @@ def check_attention(ref, ta, results):
                 args["q_pos"] = torch.arange(args["q_pos"], args["q_pos"] + n, device=DEVICE)
                 args["window_start"] = torch.tensor([args["window_start"]], device=DEVICE)
                 args["sparse_len"] = torch.tensor([args["sparse_len"]], device=DEVICE)
-            for split in (True, False):
+            # split and single kernels in their default form (T = 1: one query per program, plain products;
+            # else tiles of 16 queries), and the split kernel in the other form
+            for split, vec in ((True, None), (False, None), (True, t != 1)):
                 out = torch.full_like(want, float("nan"))
-                ta.lola_attention(**args, out=out, split=split)
-                record(results, f"{name} [{'split' if split else 'single'}]", rel_err(out, want), TOL[dtype])
+                ta.lola_attention(**args, out=out, split=split, vec=vec)
+                form = "" if vec is None else (" vec" if vec else " tiles")
+                record(results, f"{name} [{'split' if split else 'single'}{form}]", rel_err(out, want), TOL[dtype])
             if i in TRIG_CASES:  # the default sin/cos is reduced+approx; libdevice is the exact one
                 other = ta.lola_attention(**args, trig="libdevice")
                 record(results, name + " [trig=libdevice]", rel_err(other, want), TOL[dtype], required=False)
@@ -442,6 +445,7 @@ def main() -> int:
     parser.add_argument("--pytest", action="store_true", help="run tests/test_kernels.py compiled on the GPU")
     parser.add_argument("--smoke", action="store_true", help="check this script on the CPU (interpreter)")
     parser.add_argument("--select", action="store_true", help="only the select_keep checks and timings")
+    parser.add_argument("--no-timings", action="store_true", help="the checks alone (scripts/gpu_tune.py times)")
     args = parser.parse_args()
     global DEVICE, SMOKE
     if args.smoke:
@@ -477,7 +481,8 @@ def main() -> int:
         check_split_determinism(ta, results)
     print(f"checks done at {time.time() - start:.0f} s")
     try:
-        time_all(ref, ops, ta, te, results)
+        if not args.no_timings:
+            time_all(ref, ops, ta, te, results)
     except Exception:  # noqa: BLE001
         print(traceback.format_exc())
     return report(results, start, Path(args.out))

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Time the Triton kernels' tuning knobs at real shapes on a CUDA GPU (µs per layer in a CUDA graph).
 
-    PYTHONUNBUFFERED=1 python3 scripts/gpu_tune.py [--out DIR] [--smoke]
+    PYTHONUNBUFFERED=1 python3 scripts/gpu_tune.py [--out DIR] [--only decode,chunk,...] [--smoke]
 
-For SmolLM2-135M and Llama-3.1-8B shapes (scripts/gpu_kernels_check.py: C=64, λ=256, memory full):
-decode attention (split kernel), prefill-chunk attention (single kernel), the eviction parts (recall
-scores, top-λ selection, fold) and eviction's data movement (the two move kernels against the PyTorch
-copies they replaced). Each knob setting is one row; the default is marked; the best per kernel is
-printed last. Outputs are not checked here (gpu_kernels_check.py and the tests do that): block sizes
-change only the tiling, every kernel masks its edges.
+For SmolLM2-135M and Llama-3.1-8B shapes (scripts/gpu_kernels_check.py: C=64, λ=256, memory full;
+and SmolLM2 at its default C=256, λ=384 for decode): decode attention (split kernel, one query per
+program with plain products or tiles of 16), prefill-chunk attention (single kernel), the eviction
+parts (recall scores with and without storing φ, top-λ selection, fold from the keys or from stored φ)
+and eviction's data movement (the two move kernels against the PyTorch copies they replaced). Each
+knob setting is one row; the default is marked; the best per kernel is printed last. Outputs are not
+checked here (gpu_kernels_check.py and the tests do that): block sizes change only the tiling, every
+kernel masks its edges.
 """
 
 from __future__ import annotations
@@ -31,20 +33,26 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true", help="run every path once on the CPU (interpreter)")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = p.parse_args()
+    parts = set(args.only.split(","))
+    if parts - set(PARTS):
+        p.error(f"unknown parts {sorted(parts - set(PARTS))}")
+    shapes = {**check.SHAPES, **EXTRA_SHAPES}
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         check.DEVICE, check.SMOKE = "cpu", True
-        for shape in check.SHAPES.values():
-            shape.update(h=min(shape["h"], 4), hkv=min(shape["hkv"], 2), d=32, f=32, lam=48)
+        for shape in shapes.values():
+            shape.update(h=min(shape["h"], 4), hkv=min(shape["hkv"], 2), d=32, f=32, lam=48, c=min(shape["c"], 64))
     os.environ.setdefault("TRITON_INTERPRET", "0")
     _, ref, ta, te = check.import_kernels()
     from lolachat.kernels import triton_moves
 
     rows: list[dict] = []
-    for shape_name, shape in check.SHAPES.items():
+    for shape_name, shape in shapes.items():
         try:
-            tune_shape(shape_name, shape, ref, ta, te, triton_moves, rows)
+            tune_shape(shape_name, shape, ref, ta, te, triton_moves, rows,
+                       parts & set(shape.get("parts", PARTS)))
         except Exception:  # keep the other shape's rows
             print(traceback.format_exc())
     text = table(rows)
@@ -66,48 +74,70 @@ def timed(rows, shape_name, kernel, knobs: dict, default: bool, fn, n_layers: in
     print(f"{shape_name:8s} {kernel:22s} {us:8.2f} µs {'(default) ' if default else ''}{knobs}", flush=True)
 
 
-def tune_shape(shape_name, shape, ref, ta, te, moves, rows) -> None:
+PARTS = ("decode", "chunk", "recall", "fold", "select", "moves")
+EXTRA_SHAPES = {  # SmolLM2's default memory (models/smollm2-135m.toml): decode only
+    "smollm2-c256": {"layers": 30, "h": 9, "hkv": 3, "d": 64, "f": 128, "c": 256, "lam": 384, "parts": ("decode",)},
+}
+
+
+def tune_shape(shape_name, shape, ref, ta, te, moves, rows, parts) -> None:
     n = 2 if check.SMOKE else shape["layers"]
     grid = (lambda *axes: list(itertools.product(*axes))[:2]) if check.SMOKE else (
         lambda *axes: list(itertools.product(*axes)))
 
     for t, kernel, split, axes, default in (
-        (1, "attention decode", True, ((32, 64, 128), (16,), (4, 8)), (64, 16, 8)),
-        (64, "attention chunk", False, ((32, 64), (16, 32), (4, 8)), (64, 16, 8)),
+        # (vec, block_n, block_t, warps): vec = one query per program, plain products (block_t is then 1)
+        (1, "decode", True, ((True, False), (64, 128, 256), (16,), (2, 4, 8)), (True, 128, 16, 8)),
+        (64, "chunk", False, ((False, True), (32, 64), (16, 32), (4, 8)), (False, 64, 16, 8)),
     ):
+        if kernel not in parts:
+            continue
         layers = [check.Layer(shape, t, torch.bfloat16, 1000 + i) for i in range(n)]
         argsets = [layer.attention_args("lola", check.CAP, "pre_rope") for layer in layers]
         outs = [torch.empty_like(a["q_pre"]) for a in argsets]
-        for block_n, block_t, warps in grid(*axes):
-            def run(block_n=block_n, block_t=block_t, warps=warps, argsets=argsets, outs=outs, split=split):
+        for vec, block_n, block_t, warps in grid(*axes):
+            if vec and block_t != axes[2][0]:  # block_t does not apply
+                continue
+            def run(vec=vec, block_n=block_n, block_t=block_t, warps=warps, argsets=argsets, outs=outs, split=split):
                 for a, o in zip(argsets, outs):
-                    ta.lola_attention(**a, out=o, split=split, block_n=block_n, block_t=block_t, num_warps=warps)
-            timed(rows, shape_name, kernel, {"block_n": block_n, "block_t": block_t, "num_warps": warps},
-                  (block_n, block_t, warps) == default, run, n)
+                    ta.lola_attention(**a, out=o, split=split, block_n=block_n, block_t=block_t, num_warps=warps,
+                                      vec=vec)
+            timed(rows, shape_name, f"attention {kernel}",
+                  {"vec": vec, "block_n": block_n, "block_t": 1 if vec else block_t, "num_warps": warps},
+                  (vec, block_n, block_t, warps) == default, run, n)
+    if not parts & {"recall", "fold", "select", "moves"}:
+        return
 
     evs = [check.Layer(shape, 1, torch.bfloat16, 2000 + i).eviction_args("pre_rope") for i in range(n)]
     scores = [torch.rand(e["cand_v"].shape[:3], device=check.DEVICE) for e in evs]
     drops = [ref.select_keep(s, e["capacity"])[1] for s, e in zip(scores, evs)]
-    for block_n, warps in grid((16, 32, 64, 128), (4, 8)):
-        timed(rows, shape_name, "recall_scores", {"block_n": block_n, "num_warps": warps}, (block_n, warps) == (32, 8),
-              lambda block_n=block_n, warps=warps: [
+    phis = [torch.rand(*e["cand_v"].shape[:3], shape["f"], device=check.DEVICE) for e in evs]
+    for store_phi, block_n, warps in grid((True, False), (16, 32, 64), (4, 8)) if "recall" in parts else ():
+        timed(rows, shape_name, "recall_scores", {"store_phi": store_phi, "block_n": block_n, "num_warps": warps},
+              (store_phi, block_n, warps) == (True, 32, 4),
+              lambda store_phi=store_phi, block_n=block_n, warps=warps: [
                   te._recall(None, e["cand_k"], e["cand_pos"], e["cand_v"], e["h_state"], e["s_state"],
-                             e["phi_weight"], None, False, block_n=block_n, num_warps=warps) for e in evs], n)
-    for block_n, block_dv, warps in grid((16, 32, 64), (32, 64, 128), (8,)):
-        timed(rows, shape_name, "fold_keys", {"block_n": block_n, "block_dv": block_dv, "num_warps": warps},
-              (block_n, block_dv, warps) == (32, 64, 8),
-              lambda block_n=block_n, block_dv=block_dv, warps=warps: [
-                  te._fold(None, e["cand_k"], e["cand_pos"], e["cand_v"], dr, e["h_state"], e["s_state"],
-                           e["phi_weight"], None, False, block_n=block_n, block_dv=block_dv, num_warps=warps)
-                  for e, dr in zip(evs, drops)], n)
+                             e["phi_weight"], None, False, block_n=block_n, num_warps=warps,
+                             phi_out=phi if store_phi else None) for e, phi in zip(evs, phis)], n)
+    for from_keys, block_n, block_dv, warps in grid((False, True), (16, 32, 64), (32, 64), (4, 8)) \
+            if "fold" in parts else ():
+        timed(rows, shape_name, "fold", {"phi_from": "keys" if from_keys else "stored", "block_n": block_n,
+                                         "block_dv": block_dv, "num_warps": warps},
+              (from_keys, block_n, block_dv, warps) == (False, 32, 32, 8),
+              lambda from_keys=from_keys, block_n=block_n, block_dv=block_dv, warps=warps: [
+                  te._fold(None if from_keys else phi, e["cand_k"], e["cand_pos"], e["cand_v"], dr, e["h_state"],
+                           e["s_state"], e["phi_weight"], None, False, block_n=block_n, block_dv=block_dv,
+                           num_warps=warps)
+                  for e, dr, phi in zip(evs, drops, phis)], n)
     n_cand = scores[0].shape[-1]
     select_default = (te.default_radix_bits(n_cand), 4 if te.block(n_cand) <= 512 else 8)
-    for bits, warps in grid((1, 2, 4), (4, 8)):
+    for bits, warps in grid((1, 2, 4), (4, 8)) if "select" in parts else ():
         timed(rows, shape_name, "select_keep", {"radix_bits": bits, "num_warps": warps},
               (bits, warps) == select_default,
               lambda bits=bits, warps=warps: [te.select_keep(s, e["capacity"], radix_bits=bits, num_warps=warps)
                                               for s, e in zip(scores, evs)], n)
-    tune_moves(shape_name, shape, n, ref, moves, rows)
+    if "moves" in parts:
+        tune_moves(shape_name, shape, n, ref, moves, rows)
 
 
 def tune_moves(shape_name, shape, n, ref, moves, rows) -> None:

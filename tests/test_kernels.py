@@ -110,10 +110,13 @@ def run_attention(case, mix, phi_input, as_tensors=False, trig=None):
         case["window_start"] = torch.tensor([case["window_start"]], device=DEVICE)
         case["sparse_len"] = torch.tensor([case["sparse_len"]], device=DEVICE)
     errors = []
-    for split in (True, False):  # the split kernel (default) and the single-program one
+    # the split kernel (default) and the single-program one, each with its default form (one query per program
+    # and plain products at T = 1, tensor-core tiles of 16 queries above) and the other form
+    t = case["q_pre"].shape[2]
+    for split, other_form in ((True, False), (False, False), (True, True), (False, True)):
         out = torch.full_like(want, float("nan"))
         got = triton_attention.lola_attention(**case, mix=mix, phi_input=phi_input, out=out, trig=trig,
-                                              split=split)
+                                              split=split, vec=(t != 1) if other_form else None)
         assert got is out
         errors.append(rel_err(got, want))
     return max(errors)
@@ -294,9 +297,19 @@ def test_evict_compete(case):
     x = ref.rope_rotate(keys, positions, freqs) if phi_input == "post_rope" else keys
     want_scores = ref.self_recall_error(ref.hedgehog(x, weight), values, h_want, s_want)
     scores = torch.full_like(want_scores, float("nan"))
+    phi = torch.full((b, h, n, f), float("nan"), device=DEVICE)
     triton_eviction.recall_scores(keys, positions, values, h_got, s_got, weight, freqs,
-                                  phi_input == "post_rope", out=scores)
+                                  phi_input == "post_rope", out=scores, phi_out=phi)
     assert rel_err(scores, want_scores) < 1e-4
+    assert rel_err(phi, ref.hedgehog(x, weight)) < TOL[dtype]  # the rows fold_picked will read
+
+    # the dropped pairs folded from their stored φ rows, or with φ recomputed from the keys: the same state
+    drop = ref.select_keep(want_scores, capacity)[1]
+    h_keys, s_keys, h_rows, s_rows = h_want.clone(), s_want.clone(), h_want.clone(), s_want.clone()
+    triton_eviction.fold_keys(keys, positions, values, drop, h_keys, s_keys, weight, freqs, phi_input == "post_rope")
+    triton_eviction.fold_picked(phi, values, drop, h_rows, s_rows)
+    assert rel_err(h_rows, h_keys) < 1e-6 and rel_err(s_rows, s_keys) < 1e-6
+    assert rel_err(h_rows, h_want) > 1e-3  # and the fold did change it
 
     keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, phi_input)
     os.environ["LOLACHAT_TRITON"] = "1"
