@@ -319,7 +319,7 @@ def recall_scores(keys, positions, values, h_state, s_state, weight, inv_freq=No
 
 
 def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope,
-          block_n=32, block_dv=32, num_warps=8):
+          block_n=64, block_dv=32, num_warps=4):
     _check_state(h_state, s_state)
     b, n_heads, n, d = values.shape
     f_half = h_state.shape[2] // 2
@@ -391,7 +391,7 @@ def fold(phi_k, values, h_state, s_state) -> None:
 
 
 def fold_keys(keys, positions, values, index, h_state, s_state, weight, inv_freq=None, post_rope=False,
-              block_n: int = 32):
+              block_n: int = 64):
     """Fold the pairs index [B,H,M] picks out of keys/values [B,H,N,D] into H, s; φ computed in-kernel."""
     _fold(None, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope, block_n=block_n)
 
@@ -408,7 +408,7 @@ def phi_scratch(rows: tuple[int, int, int], features: int, device) -> torch.Tens
     return _PHI_SCRATCH[key]
 
 
-def fold_picked(phi_k, values, index, h_state, s_state, block_n: int = 32) -> None:
+def fold_picked(phi_k, values, index, h_state, s_state, block_n: int = 64) -> None:
     """Fold the pairs index [B,H,M] picks out of φ(k) [B,H,N,F] (as `recall_scores` stores them) and values
     [B,H,N,D] into H, s."""
     _fold(phi_k, None, None, values, index, h_state, s_state, None, None, False, block_n=block_n)

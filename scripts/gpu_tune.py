@@ -87,7 +87,8 @@ def tune_shape(shape_name, shape, ref, ta, te, moves, rows, parts) -> None:
 
     for t, kernel, split, axes, default in (
         # (vec, block_n, block_t, warps): vec = one query per program, plain products (block_t is then 1)
-        (1, "decode", True, ((True, False), (64, 128, 256), (16,), (2, 4, 8)), (True, 128, 16, 8)),
+        (1, "decode", True, ((True, False), (64, 128, 256), (16,), (2, 4, 8)),
+         (True, 64, 16, 8) if shape["d"] <= 64 else (False, 128, 16, 8)),
         (64, "chunk", False, ((False, True), (32, 64), (16, 32), (4, 8)), (False, 64, 16, 8)),
     ):
         if kernel not in parts:
@@ -119,11 +120,11 @@ def tune_shape(shape_name, shape, ref, ta, te, moves, rows, parts) -> None:
                   te._recall(None, e["cand_k"], e["cand_pos"], e["cand_v"], e["h_state"], e["s_state"],
                              e["phi_weight"], None, False, block_n=block_n, num_warps=warps,
                              phi_out=phi if store_phi else None) for e, phi in zip(evs, phis)], n)
-    for from_keys, block_n, block_dv, warps in grid((False, True), (16, 32, 64), (32, 64), (4, 8)) \
+    for from_keys, block_n, block_dv, warps in grid((False, True), (32, 64), (32, 64), (4, 8)) \
             if "fold" in parts else ():
         timed(rows, shape_name, "fold", {"phi_from": "keys" if from_keys else "stored", "block_n": block_n,
                                          "block_dv": block_dv, "num_warps": warps},
-              (from_keys, block_n, block_dv, warps) == (False, 32, 32, 8),
+              (from_keys, block_n, block_dv, warps) == (False, 64, 32, 4),
               lambda from_keys=from_keys, block_n=block_n, block_dv=block_dv, warps=warps: [
                   te._fold(None if from_keys else phi, e["cand_k"], e["cand_pos"], e["cand_v"], dr, e["h_state"],
                            e["s_state"], e["phi_weight"], None, False, block_n=block_n, block_dv=block_dv,
