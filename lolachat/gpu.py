@@ -567,12 +567,23 @@ class StaticDecoder:
     @torch.inference_mode()
     def generate(self, mem: StaticMemory, logits: torch.Tensor, max_new_tokens: int, options: SamplingOptions,
                  stop_ids=()) -> Iterator[int]:
-        """As `Engine.generate`: each token is fed to the memory before it is yielded."""
+        """As `Engine.generate`: each token is fed to the memory before it is yielded.
+
+        The token is copied to the host asynchronously and the step that feeds it is launched before the
+        host waits for that copy, so the GPU is not idle while the host reads and yields."""
         key = self._start(mem, logits, options)
         stop = set(stop_ids)
+        on_gpu = mem.token.device.type == "cuda"
+        host = torch.empty(mem.token.shape[0], dtype=mem.token.dtype, pin_memory=on_gpu)
+        copied = torch.cuda.Event() if on_gpu else None
         for _ in range(max_new_tokens):
-            token = int(mem.token[0, 0])
+            host.copy_(mem.token[:, 0], non_blocking=on_gpu)  # queued before the step overwrites mem.token
+            if copied is not None:
+                copied.record()
             self._step(mem, key)
+            if copied is not None:
+                copied.synchronize()
+            token = int(host[0])
             yield token
             if token in stop:
                 return
