@@ -27,9 +27,9 @@ from . import reference as ref
 from .reference import apply_rope, gather_tokens, lola_combine, sparse_logits  # noqa: F401
 
 try:
-    from . import triton_attention, triton_eviction, triton_gemv, triton_moves, triton_norm
+    from . import triton_argmax, triton_attention, triton_eviction, triton_gemv, triton_moves, triton_norm
 except ImportError:  # no Triton on this platform: the reference serves everything
-    triton_attention = triton_eviction = triton_gemv = triton_moves = triton_norm = None
+    triton_argmax = triton_attention = triton_eviction = triton_gemv = triton_moves = triton_norm = None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -109,18 +109,23 @@ def evict_compete(
     inv_freq: torch.Tensor,
     phi_input: str,
     group: int = 1,
+    store_phi: bool = True,
 ) -> torch.Tensor:
-    """See `reference.evict_compete`. Triton: three launches (scores, which also store φ(k); top-λ split; fold
-    of the dropped rows' stored φ), one more for the group maximum when `group` > 1."""
+    """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold), one more for the
+    group maximum when `group` > 1. With `store_phi` the scores also store φ(k) (in a scratch cached per
+    shape) and the fold reads the dropped rows' φ from it; without, the fold recomputes their φ."""
     if not use_triton(cand_v):
         return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
                                  phi_input, group)
     post_rope = phi_input == "post_rope"
-    phi = triton_eviction.phi_scratch(cand_v.shape[:3], h_state.shape[2], cand_v.device)
+    phi = triton_eviction.phi_scratch(cand_v.shape[:3], h_state.shape[2], cand_v.device) if store_phi else None
     scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
                                            post_rope, phi_out=phi)
     keep, drop = select_keep(ref.group_max(scores, group), capacity)
-    triton_eviction.fold_picked(phi, cand_v, drop, h_state, s_state)
+    if store_phi:
+        triton_eviction.fold_picked(phi, cand_v, drop, h_state, s_state)
+    else:
+        triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq, post_rope)
     return keep
 
 
@@ -136,6 +141,13 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     if use_triton(x):
         return triton_norm.add_rms_norm(x, delta, weight, eps, out=out)
     return ref.add_rms_norm(x, delta, weight, eps, out=out)
+
+
+def argmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding's token: out [B,1] = argmax of logits [B,V]. One launch on the Triton path."""
+    if use_triton(logits):
+        return triton_argmax.argmax_into(logits, out)
+    return ref.argmax_into(logits, out)
 
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

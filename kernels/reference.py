@@ -284,6 +284,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return rms_norm(x, weight, eps, out=out)
 
 
+def argmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [B,1] (int64) = the first index of each row's maximum of logits [B,V] (greedy decoding)."""
+    return out.copy_(logits.argmax(dim=-1, keepdim=True))
+
+
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for the fused projection gate_up = [..., gate | up]."""
     gate, up = gate_up.chunk(2, dim=-1)

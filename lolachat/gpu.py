@@ -58,28 +58,34 @@ class StaticLayer:
 
     exact = False
 
-    def __init__(self, cfg: LolaConfig, batch: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 feature_dim: int, dtype: torch.dtype, device):
-        c, lam = cfg.chunk, cfg.sparse
+    def __init__(self, cfg: LolaConfig, n_heads: int, n_kv_heads: int, buffers: dict[str, torch.Tensor]):
+        """`buffers`: this layer's tensors, by the names of `buffer_shapes` (views of `StaticMemory.stacks`)."""
         self.cfg = cfg
         # group selection keeps one set per KV-head group; here every query head holds its copy of it
         self.group = n_heads // n_kv_heads if cfg.selection == "group" else 1
-        self.window_k = torch.zeros(batch, n_kv_heads, 2 * c, head_dim, dtype=dtype, device=device)
-        self.window_v = torch.zeros_like(self.window_k)
-        self.sparse_k_buf = torch.zeros(batch, n_heads, lam, head_dim, dtype=dtype, device=device)
-        self.sparse_v_buf = torch.zeros_like(self.sparse_k_buf)
-        self.sparse_pos_buf = torch.zeros(batch, n_heads, lam, dtype=torch.long, device=device)
-        self.cand_k = torch.zeros(batch, n_heads, lam + c, head_dim, dtype=dtype, device=device)
-        self.cand_v = torch.zeros_like(self.cand_k)
-        self.cand_pos = torch.zeros(batch, n_heads, lam + c, dtype=torch.long, device=device)
-        self.h = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=torch.float32, device=device)
-        self.s = torch.zeros(batch, n_heads, feature_dim, dtype=torch.float32, device=device)
+        for name, tensor in buffers.items():
+            setattr(self, name, tensor)
         self.window_start = 0
         self.window_len = 0
         self.has_prev = False
         self.n_sparse = 0
         self.folded = 0
         self.evictions = 0
+
+    @staticmethod
+    def buffer_shapes(cfg: LolaConfig, batch: int, n_heads: int, n_kv_heads: int, head_dim: int, feature_dim: int,
+                      dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of a layer's buffers: the window (previous + current chunk), the sparse cache,
+        eviction's candidate scratch (sparse cache + the chunk leaving the window) and the fp32 state."""
+        c, lam, b, h, d = cfg.chunk, cfg.sparse, batch, n_heads, head_dim
+        return {
+            "window_k": ((b, n_kv_heads, 2 * c, d), dtype), "window_v": ((b, n_kv_heads, 2 * c, d), dtype),
+            "sparse_k_buf": ((b, h, lam, d), dtype), "sparse_v_buf": ((b, h, lam, d), dtype),
+            "sparse_pos_buf": ((b, h, lam), torch.long),
+            "cand_k": ((b, h, lam + c, d), dtype), "cand_v": ((b, h, lam + c, d), dtype),
+            "cand_pos": ((b, h, lam + c), torch.long),
+            "h": ((b, h, feature_dim, d), torch.float32), "s": ((b, h, feature_dim), torch.float32),
+        }
 
     # -- what LolaLayerMemory offers ------------------------------------------------------------
     @property
@@ -152,10 +158,14 @@ class StaticLayer:
 class StaticMemory(ModelMemory):
     """All layers' static memory plus the device-side counters and the step's static inputs/outputs."""
 
-    def __init__(self, decoder: StaticDecoder, layers: list[StaticLayer], batch: int):
+    def __init__(self, decoder: StaticDecoder, stacks: dict[str, torch.Tensor], batch: int):
+        """`stacks`: each kind of layer buffer for all layers in one tensor [L, B, ...] (layer i's is stack[i])."""
+        layers = [StaticLayer(decoder.cfg, decoder.n_heads, decoder.n_kv_heads,
+                              {name: stack[i] for name, stack in stacks.items()}) for i in range(len(decoder.blocks))]
         super().__init__(layers, decoder.cfg)
         device = decoder.device
         self.decoder = decoder
+        self.stacks = stacks
         self.batch = batch
         self.q_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.window_start = torch.zeros(1, dtype=torch.long, device=device)
@@ -231,6 +241,7 @@ class StaticDecoder:
         self.gamma = [lola.gamma.to(self.device).float().contiguous() for lola in self.attn]
         self.phi_q = [lola.adapter.phi_q.to(self.device).contiguous() for lola in self.attn]
         self.phi_k = [lola.adapter.phi_k.to(self.device).contiguous() for lola in self.attn]
+        self.phi_k_stacked = torch.cat(self.phi_k)  # [L·H, D, F/2]: the maps of all layers' heads, in order
         self.wqkv, self.w13 = fuse_projections(model)
         self.arange_c = torch.arange(self.cfg.chunk, device=self.device)
         c = self.cfg.chunk
@@ -243,9 +254,11 @@ class StaticDecoder:
     @torch.no_grad()
     def new_memory(self, batch: int = 1) -> StaticMemory:
         feature_dim = 2 * self.phi_q[0].shape[-1]
-        layers = [StaticLayer(self.cfg, batch, self.n_heads, self.n_kv_heads, self.head_dim, feature_dim,
-                              self.dtype, self.device) for _ in self.blocks]
-        return StaticMemory(self, layers, batch)
+        shapes = StaticLayer.buffer_shapes(self.cfg, batch, self.n_heads, self.n_kv_heads, self.head_dim,
+                                           feature_dim, self.dtype)
+        stacks = {name: torch.zeros(len(self.blocks), *shape, dtype=dtype, device=self.device)
+                  for name, (shape, dtype) in shapes.items()}
+        return StaticMemory(self, stacks, batch)
 
     # -- pieces of the forward pass ----------------------------------------------------------------
     def _qkv(self, i: int, x: torch.Tensor):
@@ -387,10 +400,35 @@ class StaticDecoder:
         mem.q_pos.add_(1)
 
     def _evict_body(self, mem: StaticMemory) -> None:
-        """Every layer evicts its previous chunk against a full sparse cache (the steady state)."""
-        for i in range(len(self.blocks)):
-            self._evict(mem, i, self.cfg.sparse, mem.window_start)
+        """Every layer evicts its previous chunk against a full sparse cache (the steady state). The layers'
+        evictions are independent, so at batch 1 they run together: all layers' buffers read as one memory
+        of L·H heads, one launch per eviction kernel instead of one per layer."""
+        if mem.batch == 1 and self.cfg.sparse:
+            self._evict_all_layers(mem)
+        else:
+            for i in range(len(self.blocks)):
+                self._evict(mem, i, self.cfg.sparse, mem.window_start)
         mem.window_start.add_(self.cfg.chunk)
+
+    def _evict_all_layers(self, mem: StaticMemory) -> None:
+        """`_evict` of every layer at once (batch 1, full sparse cache, λ ≥ 1): [L, 1, H, ...] stacks viewed as
+        [1, L·H, ...]; each head's φ_k is its layer's (self.phi_k_stacked). φ is recomputed in the fold rather
+        than stored for all L·H·(λ+C) candidates (a 44 MB scratch on SmolLM2, for a step paid once a chunk)."""
+        st, lam = mem.stacks, self.cfg.sparse
+
+        def heads(name: str) -> torch.Tensor:
+            t = st[name]
+            return t.view(1, t.shape[0] * t.shape[2], *t.shape[3:])
+
+        window_k, window_v = heads("window_k"), heads("window_v")
+        sparse = heads("sparse_k_buf"), heads("sparse_v_buf"), heads("sparse_pos_buf")
+        cand = heads("cand_k"), heads("cand_v"), heads("cand_pos")
+        h_state, s_state = heads("h"), heads("s")
+        ops.assemble_candidates(*sparse, lam, window_k, window_v, mem.window_start, *cand)
+        fade_state(h_state, s_state, self.cfg)
+        keep = ops.evict_compete(*cand, h_state, s_state, self.phi_k_stacked, lam, self.inv_freq, self.cfg.phi_input,
+                                 group=mem.layers[0].group, store_phi=False)
+        ops.keep_and_shift(*cand, keep, *sparse, window_k, window_v)
 
     def _block_body(self, mem: StaticMemory) -> None:
         """A block of whole chunks from the steady state: every layer, every chunk, every eviction."""
@@ -419,7 +457,7 @@ class StaticDecoder:
         """mem.logits -> mem.token: argmax, or temperature/top-k/top-p by the race argmax(p / Exp(1))."""
         logits = mem.logits
         if key[0] == "greedy":
-            mem.token.copy_(logits.argmax(dim=-1, keepdim=True))
+            ops.argmax_into(logits, mem.token)
             return
         _, top_k, use_top_p = key
         scores = logits / mem.temperature

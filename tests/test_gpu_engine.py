@@ -109,18 +109,24 @@ def test_block_graph_body_matches_cpu_engine(sparse, cap, small_blocks, monkeypa
 def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, monkeypatch):
     """The same steady-state blocks with every op on its Triton kernel (interpreted on the CPU): attention,
     eviction, its data movement and the norms, as the GPU runs them; then decode steps through the fused
-    GEMVs (norm + q/k/v + window write, o + residual, norm + gate/up + SiLU, down + residual, norm + head)."""
+    GEMVs (norm + q/k/v + window write, o + residual, norm + gate/up + SiLU, down + residual, norm + head),
+    the greedy argmax kernel, and one eviction of all layers at once (`_evict_all_layers`)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("LOLACHAT_TRITON", "1")
     _, ref, mine = pair(16)
     ids = tokens(97, 120, seed=5)
-    want, want_tokens, _ = reference_run(ref, ids, 104, 6)
+    steps = 2 * CHUNK - 4  # from a chunk boundary + 4 tokens: one steady eviction in decode
+    want, want_tokens, _ = reference_run(ref, ids, 100, steps)
     dec, blocks = block_decoder(mine, monkeypatch)
+    evictions = []
+    evict_all = dec._evict_all_layers
+    monkeypatch.setattr(dec, "_evict_all_layers", lambda mem: (evictions.append(mem.position), evict_all(mem)))
     mem = dec.new_memory()
-    logits = dec.prefill(mem, ids[0, :104].tolist())
+    logits = dec.prefill(mem, ids[0, :100].tolist())
     assert blocks, "the block body never ran"
-    torch.testing.assert_close(logits, want[103], atol=1e-4, rtol=1e-4)
-    assert list(dec.generate(mem, logits, 6, GREEDY)) == want_tokens
+    torch.testing.assert_close(logits, want[99], atol=1e-4, rtol=1e-4)
+    assert list(dec.generate(mem, logits, steps, GREEDY)) == want_tokens
+    assert evictions, "no decode step evicted"
 
 
 @pytest.mark.parametrize("sparse,halflife", [(5, 0), (16, 0), (16, 20)])

@@ -19,12 +19,20 @@ import torch
 
 pytest.importorskip("triton")
 
-from lolachat.kernels import ops, triton_attention, triton_common, triton_eviction, triton_moves, triton_norm
+from lolachat.kernels import (
+    ops,
+    triton_argmax,
+    triton_attention,
+    triton_common,
+    triton_eviction,
+    triton_moves,
+    triton_norm,
+)
 from lolachat.kernels import reference as ref
 
 # Triton picks interpreter or compiler when a kernel is defined: if another test module imported the
 # kernels before TRITON_INTERPRET was set, define them again (in place, so ops sees the new ones).
-for _module in (triton_common, triton_attention, triton_eviction, triton_moves, triton_norm):
+for _module in (triton_common, triton_attention, triton_eviction, triton_moves, triton_norm, triton_argmax):
     importlib.reload(_module)
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -442,6 +450,32 @@ def test_reference_norm_is_the_model_norm():
     norm.weight.data = torch.randn(48)
     x = torch.randn(2, 3, 48)
     assert torch.equal(ref.rms_norm(x, norm.weight.data, norm.eps), norm(x).detach())
+
+
+# ---------------------------------------------------------------- greedy token
+
+
+def argmax_rows(v: int, seed: int) -> torch.Tensor:
+    """Rows built to trip an argmax: random; the maximum repeated in several chunks and lanes (the first must
+    win); -inf everywhere but one entry; all -inf (torch answers 0); the maximum in the last, partial chunk."""
+    draw = Draw(seed)
+    rows = draw.normal(5, v)
+    rows[1, [v // 3, 7, v - 2, v // 2]] = 50.0
+    rows[2] = float("-inf")
+    rows[2, v - 5] = -3.0
+    rows[3] = float("-inf")
+    rows[4, v - 1] = 40.0
+    return rows
+
+
+@pytest.mark.parametrize(("v", "block"), [(49152, 4096), (1000, 256), (37, 4096), (5000, 1024)], ids=str)
+def test_argmax_into(v, block):
+    logits = argmax_rows(v, v)
+    want = ref.argmax_into(logits, torch.empty(5, 1, dtype=torch.long, device=DEVICE))
+    out = torch.full((5, 1), -1, dtype=torch.long, device=DEVICE)
+    assert triton_argmax.argmax_into(logits, out, block=block) is out
+    assert torch.equal(out, want), (out.flatten().tolist(), want.flatten().tolist())
+    assert want[1, 0] == 7 and want[3, 0] == 0 and want[4, 0] == v - 1  # the cases are what they claim
 
 
 # ---------------------------------------------------------------- dispatch
