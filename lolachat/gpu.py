@@ -172,6 +172,9 @@ class StaticMemory(ModelMemory):
         self.sparse_len = torch.zeros(1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        on_gpu = device.type == "cuda"  # generate's asynchronous read of the token: pinned once, here
+        self.token_host = torch.zeros(batch, dtype=torch.long, pin_memory=on_gpu)
+        self.token_copied = torch.cuda.Event() if on_gpu else None
         self.logits = torch.zeros(batch, decoder.vocab, dtype=torch.float32, device=device)
         self.attn_out = torch.zeros(batch, decoder.n_heads, 1, decoder.head_dim, dtype=decoder.dtype, device=device)
         self.q_out = torch.zeros(batch, 1, decoder.n_heads * decoder.head_dim, dtype=decoder.dtype, device=device)
@@ -611,11 +614,9 @@ class StaticDecoder:
         host waits for that copy, so the GPU is not idle while the host reads and yields."""
         key = self._start(mem, logits, options)
         stop = set(stop_ids)
-        on_gpu = mem.token.device.type == "cuda"
-        host = torch.empty(mem.token.shape[0], dtype=mem.token.dtype, pin_memory=on_gpu)
-        copied = torch.cuda.Event() if on_gpu else None
+        host, copied = mem.token_host, mem.token_copied
         for _ in range(max_new_tokens):
-            host.copy_(mem.token[:, 0], non_blocking=on_gpu)  # queued before the step overwrites mem.token
+            host.copy_(mem.token[:, 0], non_blocking=copied is not None)  # queued before the step overwrites it
             if copied is not None:
                 copied.record()
             self._step(mem, key)
