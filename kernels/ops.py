@@ -196,8 +196,9 @@ def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k,
                                    cand_v, cand_pos)
 
 
-def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v) -> None:
-    args = (cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v)
+def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v,
+                   next_k=None, next_v=None) -> None:
+    args = (cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v, next_k, next_v)
     if use_triton(cand_v) and sparse_k.shape[2] > 0 and cand_k.is_contiguous():
         return triton_moves.keep_and_shift(*args)
     return ref.keep_and_shift(*args)

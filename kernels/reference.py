@@ -343,11 +343,16 @@ def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k,
     cand_pos[:, :, n : n + c] = (torch.arange(c, device=cand_pos.device) + start).expand(b, n_heads, c)
 
 
-def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v) -> None:
-    """After eviction, in place: sparse = the candidates `keep` [B,H,λ] picks; window[:C] = window[C:]."""
+def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v,
+                   next_k=None, next_v=None) -> None:
+    """After eviction, in place: sparse = the candidates `keep` [B,H,λ] picks; window[:C] = window[C:]; and,
+    when given, window[C:] = the next chunk's keys and values next_k, next_v [B,Hkv,C,D]."""
     sparse_k.copy_(gather_tokens(cand_k, keep))
     sparse_v.copy_(gather_tokens(cand_v, keep))
     sparse_pos.copy_(gather_tokens(cand_pos, keep))
     c = window_k.shape[2] // 2
     window_k[:, :, :c] = window_k[:, :, c:].clone()
     window_v[:, :, :c] = window_v[:, :, c:].clone()
+    if next_k is not None:
+        window_k[:, :, c:] = next_k
+        window_v[:, :, c:] = next_v

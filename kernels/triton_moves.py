@@ -6,7 +6,9 @@ movement is about fifteen small copies and gathers per layer and chunk, and in a
 much GPU time as the scoring itself (docs/kernels.md). Here it is two kernels:
 - `assemble_candidates` — cand[:n] = sparse[:n]; cand[n:n+C] = the window's oldest chunk (expanded to
   query heads) at positions start..start+C−1 (reference: `reference.assemble_candidates`);
-- `keep_and_shift`      — sparse = cand[keep]; window[:C] = window[C:] (reference: `reference.keep_and_shift`).
+- `keep_and_shift`      — sparse = cand[keep]; window[:C] = window[C:]; and in a prefill block, window[C:] = the
+  next chunk's keys and values, which spares the two copies that would put them there (reference:
+  `reference.keep_and_shift`).
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def _assemble_kernel(sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, start_ptr, ck_ptr, 
 
 
 @triton.jit
-def _keep_shift_kernel(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr,
-                       lam, n_cand, chunk, w_len, n_heads, group, d,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _keep_shift_kernel(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, nk_ptr, nv_ptr,
+                       lam, n_cand, chunk, w_len, n_heads, group, d, sn_b, sn_h, sn_t,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEXT: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     block_id = tl.program_id(1)
     rows = block_id * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,13 +70,18 @@ def _keep_shift_kernel(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr,
     tl.store(sp_ptr + bh * lam + rows, tl.load(cp_ptr + bh * n_cand + src, mask=ok, other=0), mask=ok)
     h = bh % n_heads
     if (h % group == 0) & (block_id == 0):  # the first query head of a KV group shifts that KV head's window
-        kv = (bh // n_heads) * (n_heads // group) + h // group
+        b, hk = bh // n_heads, h // group
+        kv = b * (n_heads // group) + hk
         for r0 in range(0, chunk, BLOCK_N):
             r = r0 + tl.arange(0, BLOCK_N)
             m = (r < chunk)[:, None] & col_ok[None, :]
             dst = (kv * w_len + r)[:, None] * d + cols[None, :]
             tl.store(wk_ptr + dst, tl.load(wk_ptr + dst + chunk * d, mask=m, other=0.0), mask=m)
             tl.store(wv_ptr + dst, tl.load(wv_ptr + dst + chunk * d, mask=m, other=0.0), mask=m)
+            if HAS_NEXT:  # rows C + r were read just above; each row is read and written by this program only
+                src = b * sn_b + hk * sn_h + r[:, None] * sn_t + cols[None, :]
+                tl.store(wk_ptr + dst + chunk * d, tl.load(nk_ptr + src, mask=m, other=0.0), mask=m)
+                tl.store(wv_ptr + dst + chunk * d, tl.load(nv_ptr + src, mask=m, other=0.0), mask=m)
 
 
 def _contiguous(*tensors: torch.Tensor) -> None:
@@ -101,14 +108,23 @@ def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k,
 
 
 def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v,
-                   block_n: int = 64) -> None:
-    """Triton version of `reference.keep_and_shift` (needs λ ≥ 1)."""
+                   next_k=None, next_v=None, block_n: int = 64) -> None:
+    """Triton version of `reference.keep_and_shift` (needs λ ≥ 1). next_k, next_v [B,Hkv,C,D] may be strided
+    views (of a block's projections) if their last dimension is contiguous and both share strides."""
     _contiguous(cand_k, cand_v, cand_pos, sparse_k, sparse_v, sparse_pos, window_k, window_v)
     keep = keep.contiguous()
     b, n_heads, lam, d = sparse_k.shape
     if lam == 0:
         raise ValueError("keep_and_shift needs a sparse cache (λ ≥ 1)")
+    chunk = window_k.shape[2] // 2
+    has_next = next_k is not None
+    if has_next and (next_k.shape != (b, window_k.shape[1], chunk, d) or next_k.stride() != next_v.stride()
+                     or next_k.stride(-1) != 1):
+        raise ValueError("next_k, next_v must be [B,Hkv,C,D] with the same strides and contiguous rows")
+    strides = next_k.stride()[:3] if has_next else (0, 0, 0)
     grid = (b * n_heads, triton.cdiv(lam, block_n))
     _keep_shift_kernel[grid](cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v,
-                             lam, cand_k.shape[2], window_k.shape[2] // 2, window_k.shape[2], n_heads,
-                             n_heads // window_k.shape[1], d, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d))
+                             next_k if has_next else window_k, next_v if has_next else window_v,
+                             lam, cand_k.shape[2], chunk, window_k.shape[2], n_heads,
+                             n_heads // window_k.shape[1], d, *strides, BLOCK_N=block_n,
+                             BLOCK_D=triton.next_power_of_2(d), HAS_NEXT=has_next)

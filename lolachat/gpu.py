@@ -310,10 +310,11 @@ class StaticDecoder:
         b, hkv = src.shape[:2]
         dst.unflatten(1, (hkv, self.group)).copy_(src.unsqueeze(2).expand(b, hkv, self.group, *src.shape[2:]))
 
-    def _evict(self, mem: StaticMemory, i: int, n: int, start) -> int:
+    def _evict(self, mem: StaticMemory, i: int, n: int, start, next_kv=None) -> int:
         """Window slots [0, C) (positions start..start+C−1) leave the window: append them to the sparse
-        cache, or let them compete with it (DESIGN §4.4); then shift the window. `n` is the sparse fill
-        before (host int); `start` an int or a one-element device tensor. Returns the tokens folded."""
+        cache, or let them compete with it (DESIGN §4.4); then shift the window, and put `next_kv` (the next
+        chunk's keys and values, if given) into its second half. `n` is the sparse fill before (host int);
+        `start` an int or a one-element device tensor. Returns the tokens folded."""
         layer = mem.layers[i]
         c, lam = self.cfg.chunk, self.cfg.sparse
         folded = 0
@@ -330,13 +331,17 @@ class StaticDecoder:
             fade_state(layer.h, layer.s, self.cfg)
             keep = ops.evict_compete(cand_k, cand_v, cand_pos, layer.h, layer.s, self.phi_k[i], lam,
                                      self.inv_freq, self.cfg.phi_input, group=layer.group)
-            if lam:  # keep the winners and shift the window in one step
+            if lam:  # keep the winners, shift the window and append the next chunk in one step
                 ops.keep_and_shift(layer.cand_k, layer.cand_v, layer.cand_pos, keep, layer.sparse_k_buf,
-                                   layer.sparse_v_buf, layer.sparse_pos_buf, layer.window_k, layer.window_v)
+                                   layer.sparse_v_buf, layer.sparse_pos_buf, layer.window_k, layer.window_v,
+                                   *(next_kv or (None, None)))
                 return m - lam
             folded = m
         layer.window_k[:, :, :c].copy_(layer.window_k[:, :, c:])
         layer.window_v[:, :, :c].copy_(layer.window_v[:, :, c:])
+        if next_kv is not None:
+            layer.window_k[:, :, c:].copy_(next_kv[0])
+            layer.window_v[:, :, c:].copy_(next_kv[1])
         return folded
 
     def _close_chunk_host(self, layer: StaticLayer, folded: int) -> None:
@@ -442,13 +447,13 @@ class StaticDecoder:
         def attend(i, q, k, v):
             layer = mem.layers[i]
             y = torch.empty_like(q)
+            layer.window_k[:, :, c:].copy_(k[:, :, :c])  # the first chunk; each eviction appends the next
+            layer.window_v[:, :, c:].copy_(v[:, :, :c])
             for j in range(kc):
-                part = slice(j * c, (j + 1) * c)
-                layer.window_k[:, :, c:].copy_(k[:, :, part])
-                layer.window_v[:, :, c:].copy_(v[:, :, part])
+                part, after = slice(j * c, (j + 1) * c), slice((j + 1) * c, (j + 2) * c)
                 start = starts[j : j + 1]
                 self._attention(mem, i, q[:, :, part], q_positions[j], start, mem.sparse_len, out=y[:, :, part])
-                self._evict(mem, i, self.cfg.sparse, start)
+                self._evict(mem, i, self.cfg.sparse, start, (k[:, :, after], v[:, :, after]) if j + 1 < kc else None)
             return y
 
         h = self._layers(self.model.model.embed_tokens(mem.block_tokens), attend)

@@ -405,6 +405,15 @@ def test_keep_and_shift(case):
     for got, exp in zip(list(sparse) + list(window), want_sparse + want_window):
         assert torch.equal(got, exp)
 
+    # in a prefill block the next chunk comes along: strided views of a [B, T, Hkv, D] projection
+    proj = draw.normal(2, b, 3 * c, window[0].shape[1], window[0].shape[3], dtype=window[0].dtype)
+    next_k, next_v = (x.transpose(1, 2)[:, :, c : 2 * c] for x in proj)
+    ref.keep_and_shift(*cand, keep, *want_sparse, *want_window, next_k, next_v)
+    triton_moves.keep_and_shift(*cand, keep, *sparse, *window, next_k, next_v)
+    for got, exp in zip(list(sparse) + list(window), want_sparse + want_window):
+        assert torch.equal(got, exp)
+    assert torch.equal(window[0][:, :, c:], next_k) and torch.equal(window[1][:, :, :c], want_window[1][:, :, :c])
+
 
 # ---------------------------------------------------------------- norms and SiLU between the GEMVs
 
