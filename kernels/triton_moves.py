@@ -79,9 +79,9 @@ def _keep_shift_kernel(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr,
             tl.store(wk_ptr + dst, tl.load(wk_ptr + dst + chunk * d, mask=m, other=0.0), mask=m)
             tl.store(wv_ptr + dst, tl.load(wv_ptr + dst + chunk * d, mask=m, other=0.0), mask=m)
             if HAS_NEXT:  # rows C + r were read just above; each row is read and written by this program only
-                src = b * sn_b + hk * sn_h + r[:, None] * sn_t + cols[None, :]
-                tl.store(wk_ptr + dst + chunk * d, tl.load(nk_ptr + src, mask=m, other=0.0), mask=m)
-                tl.store(wv_ptr + dst + chunk * d, tl.load(nv_ptr + src, mask=m, other=0.0), mask=m)
+                nxt = b * sn_b + hk * sn_h + r[:, None] * sn_t + cols[None, :]
+                tl.store(wk_ptr + dst + chunk * d, tl.load(nk_ptr + nxt, mask=m, other=0.0), mask=m)
+                tl.store(wv_ptr + dst + chunk * d, tl.load(nv_ptr + nxt, mask=m, other=0.0), mask=m)
 
 
 def _contiguous(*tensors: torch.Tensor) -> None:
