@@ -110,17 +110,22 @@ def evict_compete(
     phi_input: str,
     group: int = 1,
     store_phi: bool = True,
+    score: str = "error",
 ) -> torch.Tensor:
     """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold), one more for the
     group maximum when `group` > 1. With `store_phi` the scores also store φ(k) (in a scratch cached per
-    shape) and the fold reads the dropped rows' φ from it; without, the fold recomputes their φ."""
+    shape) and the fold reads the dropped rows' φ from it; without, the fold recomputes their φ. A `score`
+    other than "error" is computed from the stored φ by the reference's PyTorch ops (on the same device)."""
     if not use_triton(cand_v):
         return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
-                                 phi_input, group)
+                                 phi_input, group, score)
     post_rope = phi_input == "post_rope"
+    store_phi = store_phi or score != "error"
     phi = triton_eviction.phi_scratch(cand_v.shape[:3], h_state.shape[2], cand_v.device) if store_phi else None
     scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
                                            post_rope, phi_out=phi)
+    if score != "error":
+        scores = ref.eviction_scores(phi, cand_v, h_state, s_state, score)
     keep, drop = select_keep(ref.group_max(scores, group), capacity)
     if store_phi:
         triton_eviction.fold_picked(phi, cand_v, drop, h_state, s_state)

@@ -226,6 +226,36 @@ def lola_attention(
     return out
 
 
+EVICTION_SCORES = ("error", "relative", "others")
+VALUE_NORM_FLOOR = 1e-6  # `relative` scoring: a value norm below this counts as this
+
+
+def eviction_scores(phi_k: torch.Tensor, values: torch.Tensor, h_state: torch.Tensor, s_state: torch.Tensor,
+                    score: str = "error") -> torch.Tensor:
+    """Per-candidate eviction scores [B,H,N] (higher = kept) of phi_k [B,H,N,F], values [B,H,N,D].
+
+    - "error" (DESIGN §4.4): ‖v − φ(k)ᵀH / (φ(k)ᵀs + ε)‖ against the state as it is (`self_recall_error`).
+    - "relative": that error divided by ‖v‖, the share of the value the state cannot give back.
+    - "others": the error against the state with every *other* candidate folded in as well
+      (H + Σ_{j≠i} φ(k_j)v_jᵀ, and s likewise): a pair that the rest of the memory could recall (a
+      near-copy of other cached or leaving pairs) scores low, so the λ slots are not spent on duplicates
+      (docs/runs/l256-2k-diagnosis.md)."""
+    if score == "others":
+        v = values.float()
+        h_all = h_state + torch.einsum("bhnf,bhnd->bhfd", phi_k, v)
+        s_all = s_state + phi_k.sum(dim=2)
+        self_dot = (phi_k * phi_k).sum(dim=-1, keepdim=True)  # φ_iᵀφ_i: candidate i's own share, taken out
+        num = torch.einsum("bhnf,bhfd->bhnd", phi_k, h_all) - self_dot * v
+        den = torch.einsum("bhnf,bhf->bhn", phi_k, s_all).unsqueeze(-1) - self_dot
+        return torch.linalg.vector_norm(v - num / (den.clamp_min(0) + RECALL_EPS), dim=-1)
+    err = self_recall_error(phi_k, values, h_state, s_state)
+    if score == "relative":
+        err = err / torch.linalg.vector_norm(values.float(), dim=-1).clamp_min(VALUE_NORM_FLOOR)
+    elif score != "error":
+        raise ValueError(f"score must be one of {', '.join(EVICTION_SCORES)}, not {score!r}")
+    return err
+
+
 def evict_compete(
     cand_k: torch.Tensor,
     cand_v: torch.Tensor,
@@ -237,6 +267,7 @@ def evict_compete(
     inv_freq: torch.Tensor,
     phi_input: str,
     group: int = 1,
+    score: str = "error",
 ) -> torch.Tensor:
     """The competing branch of eviction (DESIGN §4.4): score, keep the top `capacity`, fold the rest.
 
@@ -244,11 +275,12 @@ def evict_compete(
     leaving the window; phi_weight [H,D,F/2] is the key feature map. h_state/s_state are updated in
     place with the dropped pairs. Returns keep [B,H,capacity] (candidate order). With `group` > 1 the
     query heads of each group (whose candidates are the same) rank by the group's largest error, so
-    they keep the same pairs: the group selection of `lola.LolaConfig` on per-head buffers.
+    they keep the same pairs: the group selection of `lola.LolaConfig` on per-head buffers. `score` is the
+    eviction score (`eviction_scores`).
     """
     x = rope_rotate(cand_k, cand_pos, inv_freq) if phi_input == "post_rope" else cand_k
     phi_k = hedgehog(x, phi_weight)
-    scores = group_max(self_recall_error(phi_k, cand_v, h_state, s_state), group)
+    scores = group_max(eviction_scores(phi_k, cand_v, h_state, s_state, score), group)
     keep, drop = select_keep(scores, capacity)
     fold(gather_tokens(phi_k, drop), gather_tokens(cand_v, drop), h_state, s_state)
     return keep

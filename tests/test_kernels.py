@@ -331,6 +331,33 @@ def test_evict_compete(case):
     assert rel_err(h_got, h_want) < TOL[dtype] and rel_err(s_got, s_want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("score", ["relative", "others"])
+def test_evict_compete_other_scores(score):
+    """The eviction scores beside the self-recall error: the Triton path (φ from the scores kernel, the score in
+    PyTorch) keeps what the reference keeps, and the score does change what is kept."""
+    b, h, d, f, capacity, c, group = 1, 4, 16, 32, 24, 8, 2
+    draw = Draw(91)
+    n = capacity + c
+    keys, values = draw.normal(b, h, n, d), draw.normal(b, h, n, d, scale=0.5) + draw.uniform(b, h, n, 1) * 3
+    positions = torch.arange(n, device=DEVICE).expand(b, h, n)
+    weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
+    h_want, s_want = state(draw, b, h, f, d)
+    h_got, s_got = h_want.clone(), s_want.clone()
+    plain = ref.evict_compete(keys, values, positions, h_want.clone(), s_want.clone(), weight, capacity, freqs,
+                              "pre_rope", group)
+    keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, "pre_rope", group,
+                                  score)
+    assert not torch.equal(keep_want, plain)
+    os.environ["LOLACHAT_TRITON"] = "1"
+    try:
+        keep_got = ops.evict_compete(keys, values, positions, h_got, s_got, weight, capacity, freqs, "pre_rope", group,
+                                     score=score)
+    finally:
+        del os.environ["LOLACHAT_TRITON"]
+    assert torch.equal(keep_got, keep_want)
+    assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+
+
 @pytest.mark.parametrize(("capacity", "c"), [(12, 8), (768, 64)])  # 20 / 832 candidates
 def test_evict_compete_group_selection(capacity, c):
     """Group selection: each pair of query heads ranks by the pair's larger error and keeps the same set."""
