@@ -55,6 +55,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="lola (the adapter's bounded memory) or exact (softmax teacher, full KV cache)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--out", metavar="JSON", help="also write the full result to this file")
+    parser.add_argument("--score", choices=["error", "relative", "others"], default="error",
+                        help="sparse-cache eviction score (experimental, CPU/eager engine only): the self-recall "
+                             "error (default, DESIGN §4.4), 'relative' (error / value norm) or 'others' (error "
+                             "against the state with every other candidate folded in; docs/runs/"
+                             "l256-2k-diagnosis.md)")
     add_engine_options(parser)
 
 
@@ -130,6 +135,13 @@ def _engine(args):
     if args.mode == "lola" and engine.info.mode == "exact":
         raise BadInput(f"{engine.info.model} has no LoLA adapter: pass --adapter FILE, --feature-map identity, "
                        "or --mode exact")
+    score = getattr(args, "score", "error")
+    if score != "error":
+        if engine.model.lola_config is None:
+            raise BadInput("--score applies to LoLA mode only")
+        if engine.static_decoder() is not None:
+            raise BadInput("--score runs on the eager engine only: set LOLACHAT_STATIC=0")
+        engine.model.lola_config.score = score
     message = mode_notice(engine)
     if message and engine.info.mode != "exact":
         notice(message)
@@ -143,7 +155,18 @@ def _setting(engine) -> str:
     variant = "" if info.selection in (None, "head") else f", {info.selection} selection"
     variant += f", {info.sinks} sinks" if info.sinks else ""
     variant += f", state half-life {info.state_halflife}" if info.state_halflife else ""
+    score = getattr(engine.model.lola_config, "score", "error")
+    variant += f", score {score}" if score != "error" else ""
     return f"{info.mode} (C={info.window}, λ={info.sparse}{variant}, mix {info.mix}, φ {info.phi_input})"
+
+
+def _describe(engine) -> dict:
+    """engine.describe(), plus the eviction score when it is not the default."""
+    out = engine.describe()
+    score = getattr(engine.model.lola_config, "score", "error")
+    if score != "error":
+        out["score"] = score
+    return out
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -170,7 +193,7 @@ def passkey_command(args: argparse.Namespace) -> int:
         result = run_passkey(engine, lengths=lengths, depths=depths, samples=args.samples, task=args.task,
                              max_new_tokens=args.max_new_tokens, seed=args.seed,
                              chat=not args.no_chat_template, progress=progress)
-    result = {"engine": engine.describe(), **result, "seconds": round(time.perf_counter() - started, 2)}
+    result = {"engine": _describe(engine), **result, "seconds": round(time.perf_counter() - started, 2)}
     if args.out:
         _write_json(args.out, result)
     if args.plot:
@@ -217,7 +240,7 @@ def ppl_command(args: argparse.Namespace) -> int:
         with count_progress(f"ppl @ {context}") as progress:
             results.append(perplexity(engine, ids, context, tail=args.tail, samples=args.samples,
                                       progress=progress, align_to=align_to))
-    out = {"engine": engine.describe(), "file": str(args.file), "file_tokens": len(ids), "results": results}
+    out = {"engine": _describe(engine), "file": str(args.file), "file_tokens": len(ids), "results": results}
     if args.out:
         _write_json(args.out, out)
     if args.json:
