@@ -330,7 +330,7 @@ class StaticDecoder:
             cand_k, cand_v, cand_pos = layer.cand_k[:, :, :m], layer.cand_v[:, :, :m], layer.cand_pos[:, :, :m]
             fade_state(layer.h, layer.s, self.cfg)
             keep = ops.evict_compete(cand_k, cand_v, cand_pos, layer.h, layer.s, self.phi_k[i], lam,
-                                     self.inv_freq, self.cfg.phi_input, group=layer.group)
+                                     self.inv_freq, self.cfg.phi_input, group=layer.group, score=self.cfg.score)
             if lam:  # keep the winners, shift the window and append the next chunk in one step
                 ops.keep_and_shift(layer.cand_k, layer.cand_v, layer.cand_pos, keep, layer.sparse_k_buf,
                                    layer.sparse_v_buf, layer.sparse_pos_buf, layer.window_k, layer.window_v,
@@ -410,8 +410,9 @@ class StaticDecoder:
     def _evict_body(self, mem: StaticMemory) -> None:
         """Every layer evicts its previous chunk against a full sparse cache (the steady state). The layers'
         evictions are independent, so at batch 1 they run together: all layers' buffers read as one memory
-        of L·H heads, one launch per eviction kernel instead of one per layer."""
-        if mem.batch == 1 and self.cfg.sparse:
+        of L·H heads, one launch per eviction kernel instead of one per layer (with the default score; the
+        others need every candidate's φ, which for all layers at once would be a large scratch)."""
+        if mem.batch == 1 and self.cfg.sparse and self.cfg.score == "error":
             self._evict_all_layers(mem)
         else:
             for i in range(len(self.blocks)):

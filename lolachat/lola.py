@@ -17,8 +17,8 @@ from lolachat.errors import LolachatError
 from lolachat.kernels import reference as ref
 from lolachat.lola_decode import SingleTokenAttention
 
-SCORES = ("error", "relative", "others")
-VALUE_NORM_FLOOR = 1e-6  # `relative` scoring: a value norm below this counts as this
+SCORES = ref.EVICTION_SCORES
+eviction_scores = ref.eviction_scores  # "error" (DESIGN §4.4), "relative", "others": docs/quality.md §11
 
 
 @dataclass
@@ -127,33 +127,6 @@ def fade_state(h_state: torch.Tensor, s_state: torch.Tensor, cfg: LolaConfig) ->
     if fade != 1.0:
         h_state.mul_(fade)
         s_state.mul_(fade)
-
-
-def eviction_scores(phi_k: torch.Tensor, values: torch.Tensor, h_state: torch.Tensor, s_state: torch.Tensor,
-                    score: str = "error") -> torch.Tensor:
-    """Per-candidate eviction scores [B,H,N] (higher = kept) of phi_k [B,H,N,F], values [B,H,N,D].
-
-    - "error" (DESIGN §4.4): ‖v − φ(k)ᵀH / (φ(k)ᵀs + ε)‖ against the state as it is.
-    - "relative": that error divided by ‖v‖, the share of the value the state cannot give back.
-    - "others": the error against the state with every *other* candidate folded in as well
-      (H + Σ_{j≠i} φ(k_j)v_jᵀ, and s likewise): a pair that the rest of the memory could recall (a
-      near-copy of other cached or leaving pairs) scores low, so the λ slots are not spent on duplicates.
-
-    Why (docs/runs/l256-2k-diagnosis.md): at λ = 256 per head, the heads that copy a needle lose single
-    digits to haystack pairs by a hair; those pairs win on their value norm ("relative") or because the
-    cache holds many copies of them ("others")."""
-    if score == "others":
-        v = values.float()
-        h_all = h_state + torch.einsum("bhnf,bhnd->bhfd", phi_k, v)
-        s_all = s_state + phi_k.sum(dim=2)
-        self_dot = (phi_k * phi_k).sum(dim=-1, keepdim=True)  # φ_iᵀφ_i: candidate i's own share, taken out
-        num = torch.einsum("bhnf,bhfd->bhnd", phi_k, h_all) - self_dot * v
-        den = torch.einsum("bhnf,bhf->bhn", phi_k, s_all).unsqueeze(-1) - self_dot
-        return torch.linalg.vector_norm(v - num / (den.clamp_min(0) + ref.RECALL_EPS), dim=-1)
-    err = ref.self_recall_error(phi_k, values, h_state, s_state)
-    if score == "relative":
-        err = err / torch.linalg.vector_norm(values.float(), dim=-1).clamp_min(VALUE_NORM_FLOOR)
-    return err
 
 
 class ExactLayerMemory:

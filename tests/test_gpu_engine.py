@@ -22,11 +22,11 @@ def tokens(vocab, n, seed=3):
 
 
 def pair(sparse, mix="lola", max_distance=None, phi_input="pre_rope", device="cpu", dtype=torch.float32,
-         selection="head", state_halflife=0):
+         selection="head", state_halflife=0, **config):
     """The same tiny LoLA model twice: a CPU-engine reference and one for the static decoder."""
     hf = hf_model(hf_config(n_heads=6, n_kv_heads=2))
     kw = dict(chunk=CHUNK, sparse=sparse, mix=mix, max_distance=max_distance, phi_input=phi_input,
-              selection=selection, state_halflife=state_halflife)
+              selection=selection, state_halflife=state_halflife, **config)
     ref = lola_model(hf, **kw)
     mine = lola_model(hf, **kw).to(device=device, dtype=dtype)
     mine.attach_lola(mine.lola_config, [layer.self_attn.lola.adapter for layer in ref.model.layers])
@@ -127,6 +127,21 @@ def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, 
     torch.testing.assert_close(logits, want[99], atol=1e-4, rtol=1e-4)
     assert list(dec.generate(mem, logits, steps, GREEDY)) == want_tokens
     assert evictions, "no decode step evicted"
+
+
+@pytest.mark.parametrize(("score", "selection"), [("relative", "head"), ("others", "head"), ("others", "group")])
+def test_eviction_scores_match_cpu_engine(score, selection, small_blocks, monkeypatch):
+    """The eviction scores beside the self-recall error keep on the static decoder what the CPU engine keeps:
+    prefill blocks, decode evictions (layer by layer: the all-layer eviction serves the default score only)."""
+    _, ref, mine = pair(16, score=score, selection=selection)
+    ids = tokens(97, 157, seed=9)
+    want, want_tokens, _ = reference_run(ref, ids, 120, 30)
+    dec, blocks = block_decoder(mine, monkeypatch)
+    mem = dec.new_memory()
+    logits = dec.prefill(mem, ids[0, :120].tolist())
+    assert blocks, "the block body never ran"
+    torch.testing.assert_close(logits, want[119], atol=2e-5, rtol=1e-4)
+    assert list(dec.generate(mem, logits, 30, GREEDY)) == want_tokens
 
 
 @pytest.mark.parametrize("sparse,halflife", [(5, 0), (16, 0), (16, 20)])

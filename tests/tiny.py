@@ -57,9 +57,9 @@ def random_adapters(args: ModelArgs, feature_half: int = 8, seed: int = 1, gamma
 
 
 def lola_model(hf, chunk=4, sparse=16, mix="lola", max_distance=None, phi_input="pre_rope",
-               selection="head", state_halflife=0) -> Llama:
+               selection="head", state_halflife=0, **config) -> Llama:
     model = our_model(hf)
     model.attach_lola(LolaConfig(chunk=chunk, sparse=sparse, mix=mix, max_distance=max_distance,
-                                 phi_input=phi_input, selection=selection, state_halflife=state_halflife),
+                                 phi_input=phi_input, selection=selection, state_halflife=state_halflife, **config),
                       random_adapters(model.args))
     return model

@@ -56,7 +56,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--out", metavar="JSON", help="also write the full result to this file")
     parser.add_argument("--score", choices=["error", "relative", "others"], default="error",
-                        help="sparse-cache eviction score (experimental, CPU/eager engine only): the self-recall "
+                        help="sparse-cache eviction score (experimental): the self-recall "
                              "error (default, DESIGN §4.4), 'relative' (error / value norm) or 'others' (error "
                              "against the state with every other candidate folded in; docs/runs/"
                              "l256-2k-diagnosis.md)")
@@ -139,9 +139,7 @@ def _engine(args):
     if score != "error":
         if engine.model.lola_config is None:
             raise BadInput("--score applies to LoLA mode only")
-        if engine.static_decoder() is not None:
-            raise BadInput("--score runs on the eager engine only: set LOLACHAT_STATIC=0")
-        engine.model.lola_config.score = score
+        engine.model.lola_config.score = score  # read at each eviction, on the CPU and the GPU engine alike
     message = mode_notice(engine)
     if message and engine.info.mode != "exact":
         notice(message)
