@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lolachat.kernels import reference as ref  # noqa: E402
+from probe_settings import parse_length, parse_setting  # noqa: E402
 
 from lolachat import lola  # noqa: E402
 from lolachat.engine import load  # noqa: E402
@@ -46,25 +48,6 @@ TASK = "niah_single_1"
 COPY_HEADS = ((18, 7), (21, 8), (20, 3), (23, 2))  # (layer, head): the heads that read the value (oracle run)
 
 PROBE: dict = {"layer_of": {}, "records": [], "protect": None, "attn": None, "value_pos": (), "needle": (0, 0)}
-
-
-def parse_setting(text: str) -> tuple[str, dict, dict]:
-    name, _, rest = text.partition(":")
-    cfg, knobs = {}, {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if key in CFG_KEYS:
-            cfg[key] = CFG_KEYS[key](value)
-        elif key in KNOBS:
-            knobs[key] = KNOBS[key](value)
-        else:
-            raise SystemExit(f"unknown key {key!r} in setting {text!r}")
-    return name, cfg, knobs
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().upper()
-    return int(float(text[:-1]) * 1024) if text.endswith("K") else int(text)
 
 
 def compete(self, mem, cand_k, cand_v, cand_pos):
@@ -283,7 +266,7 @@ def main() -> None:
         PROBE["layer_of"][id(block.self_attn.lola)] = i
     cfg = engine.model.lola_config
     length = parse_length(args.length)
-    for name, cfg_over, knobs in [parse_setting(s) for s in (args.settings or ["base"])]:
+    for name, cfg_over, knobs in [parse_setting(s, CFG_KEYS, KNOBS) for s in (args.settings or ["base"])]:
         saved = {k: getattr(cfg, k) for k in ("sparse", "selection", "state_halflife", "sinks", "chunk")}
         saved["score"] = getattr(cfg, "score", None)
         for key, value in cfg_over.items():

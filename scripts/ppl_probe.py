@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lolachat.kernels import reference as ref  # noqa: E402
+from probe_settings import parse_length, parse_setting  # noqa: E402
 
 from lolachat import lola  # noqa: E402
 from lolachat.engine import load  # noqa: E402
@@ -45,25 +47,6 @@ KNOBS = {"lin_scale": float, "lin_cap": float, "lin_layers": str}
 BLOCK = 1024
 
 PROBE: dict = {"knobs": {}, "layer": 0, "record": False, "stats": None}
-
-
-def parse_setting(text: str) -> tuple[str, dict, dict]:
-    name, _, rest = text.partition(":")
-    cfg, knobs = {}, {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if key in CFG_KEYS:
-            cfg[key] = CFG_KEYS[key](value)
-        elif key in KNOBS:
-            knobs[key] = KNOBS[key](value)
-        else:
-            raise SystemExit(f"unknown key {key!r} in setting {text!r}")
-    return name, cfg, knobs
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().upper()
-    return int(float(text[:-1]) * 1024) if text.endswith("K") else int(text)
 
 
 def linear_factor(layer: int, s_state: torch.Tensor) -> torch.Tensor | float:
@@ -183,7 +166,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     contexts = sorted(parse_length(c) for c in args.contexts.split(","))
-    settings = [parse_setting(s) for s in (args.settings or ["default"])]
+    settings = [parse_setting(s, CFG_KEYS, KNOBS) for s in (args.settings or ["default"])]
 
     lola.LolaAttention._attend_within_chunk = attend_within_chunk
     engines = {}

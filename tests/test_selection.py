@@ -127,12 +127,12 @@ def test_group_selection_differs_from_per_head_and_stores_a_third():
 # --- one layer driven directly: which pairs are kept, and what the linear state holds ---
 
 
-def one_layer(selection: str, sinks: int, sparse: int = 5, chunk: int = 4, seed: int = 0):
+def one_layer(selection: str, sinks: int, sparse: int = 5, chunk: int = 4, seed: int = 0, **config):
     g = torch.Generator().manual_seed(seed)
     d, half = 8, 6
     phi_q, phi_k = (torch.randn(HEADS, d, half, generator=g) for _ in range(2))
     adapter = LayerAdapter(phi_q=phi_q, phi_k=phi_k, window_factor=torch.zeros(HEADS))
-    cfg = LolaConfig(chunk=chunk, sparse=sparse, selection=selection, sinks=sinks)
+    cfg = LolaConfig(chunk=chunk, sparse=sparse, selection=selection, sinks=sinks, **config)
     attn = LolaAttention(cfg, adapter, Rope(1.0 / 10000 ** (torch.arange(0, d, 2) / d)), scale=d**-0.5)
     mem = LolaLayerMemory(cfg, 1, HEADS, KV_HEADS, d, 2 * half, torch.float32, "cpu")
     n = 80

@@ -18,10 +18,11 @@ import torch
 from lolachat.kernels import reference as ref
 from test_lola_memory import tokens
 from test_selection import HEADS, KV_HEADS, C, check_stores, gqa_model
+from test_selection import one_layer as selection_layer
 from tiny import our_model, random_adapters
 
 from lolachat.cli import main
-from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope, eviction_scores, expand_heads
+from lolachat.lola import LolaAttention, LolaConfig, eviction_scores, expand_heads
 
 SCORES = ["relative", "others"]
 
@@ -102,18 +103,9 @@ def test_every_token_in_exactly_one_store(score, selection, sinks, sparse):
 
 
 def one_layer(selection: str, sinks: int, score: str, sparse: int = 5, chunk: int = 4, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    d, half = 8, 6
-    phi_q, phi_k = (torch.randn(HEADS, d, half, generator=g) for _ in range(2))
-    adapter = LayerAdapter(phi_q=phi_q, phi_k=phi_k, window_factor=torch.zeros(HEADS))
-    cfg = LolaConfig(chunk=chunk, sparse=sparse, selection=selection, sinks=sinks, score=score)
-    attn = LolaAttention(cfg, adapter, Rope(1.0 / 10000 ** (torch.arange(0, d, 2) / d)), scale=d**-0.5)
-    mem = LolaLayerMemory(cfg, 1, HEADS, KV_HEADS, d, 2 * half, torch.float32, "cpu")
-    n = 80
-    q = torch.randn(1, HEADS, n, d, generator=g)
-    k = torch.randn(1, KV_HEADS, n, d, generator=g)
-    # repeated values in a few positions, so that "others" has duplicates to find
-    v = torch.randn(1, KV_HEADS, n, d, generator=g)
+    """test_selection's layer with this score, its values repeated in a few positions so that "others" has
+    duplicates to find."""
+    attn, mem, q, k, v = selection_layer(selection, sinks, sparse, chunk, seed, score=score)
     v[:, :, 1::7] = v[:, :, :1]
     return attn, mem, q, k, v
 
