@@ -146,6 +146,19 @@ def feed(attn, mem, q, k, v, start, end):
     attn.attend(mem, q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], start)
 
 
+def evictions(attn, mem, q, k, v):
+    """Feed the layer chunk by chunk; at each chunk close yield the memory as it was just before that eviction
+    (mem then holds the state after it). The sparse cache is full from the 4th close on."""
+    c = attn.cfg.chunk
+    fed = 0
+    for close in range(6 * c, 20 * c, c):
+        feed(attn, mem, q, k, v, fed, close - 1)
+        before = copy.deepcopy(mem)
+        feed(attn, mem, q, k, v, close - 1, close)
+        fed = close
+        yield before
+
+
 @pytest.mark.parametrize("selection,sinks", [("head", 0), *VARIANTS, ("group", 6)])
 def test_linear_state_holds_exactly_the_folded_pairs_of_every_head(selection, sinks):
     """Each query head's H, s = Σ over folded tokens of its own φ_k: a pair leaving a group's cache is
@@ -186,13 +199,7 @@ def expected_group_keep(attn, before) -> list[set[int]]:
 @pytest.mark.parametrize("sinks", [0, 3])
 def test_group_keeps_top_lambda_by_the_max_error_of_its_heads(sinks):
     attn, mem, q, k, v = one_layer("group", sinks)
-    c = attn.cfg.chunk
-    fed = 0
-    for close in range(6 * c, 20 * c, c):  # each close evicts a chunk; the cache is full from the 4th on
-        feed(attn, mem, q, k, v, fed, close - 1)
-        before = copy.deepcopy(mem)
-        feed(attn, mem, q, k, v, close - 1, close)
-        fed = close
+    for before in evictions(attn, mem, q, k, v):
         kept = [set(mem.sparse_pos[0, kv, mem.sink_len :].tolist()) for kv in range(KV_HEADS)]
         assert kept == expected_group_keep(attn, before)
 

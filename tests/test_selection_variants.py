@@ -8,7 +8,6 @@ The variants change only which pairs are kept: the accounting (every token in ex
 holding exactly the folded pairs) is the default's.
 """
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import torch
 from lolachat.kernels import reference as ref
 from test_lola_memory import tokens
-from test_selection import HEADS, KV_HEADS, C, check_stores, gqa_model
+from test_selection import HEADS, KV_HEADS, C, check_stores, evictions, feed, gqa_model
 from test_selection import one_layer as selection_layer
 from tiny import our_model, random_adapters
 
@@ -110,10 +109,6 @@ def one_layer(selection: str, sinks: int, score: str, sparse: int = 5, chunk: in
     return attn, mem, q, k, v
 
 
-def feed(attn, mem, q, k, v, start, end):
-    attn.attend(mem, q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], start)
-
-
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("selection,sinks", [("head", 0), ("group", 0), ("head", 3), ("group", 3)])
 def test_state_holds_exactly_the_folded_pairs_once(score, selection, sinks):
@@ -161,13 +156,7 @@ def expected_keep(attn, before) -> list[set[int]]:
 @pytest.mark.parametrize("selection,sinks", [("head", 0), ("group", 3)])
 def test_keeps_top_lambda_by_the_chosen_score(score, selection, sinks):
     attn, mem, q, k, v = one_layer(selection, sinks, score)
-    c = attn.cfg.chunk
-    fed = 0
-    for close in range(6 * c, 20 * c, c):  # each close evicts a chunk; the cache is full from the 4th on
-        feed(attn, mem, q, k, v, fed, close - 1)
-        before = copy.deepcopy(mem)
-        feed(attn, mem, q, k, v, close - 1, close)
-        fed = close
+    for before in evictions(attn, mem, q, k, v):
         kept = [set(mem.sparse_pos[0, i, mem.sink_len :].tolist()) for i in range(mem.sparse_pos.shape[1])]
         assert kept == expected_keep(attn, before)
 
