@@ -12,9 +12,16 @@ inference by the self-recall-error eviction (run without gradients), and gradien
 softmax and linear term the model will see at inference.
 
 For speed the student runs in a parallel form over whole sequences (`hybrid_attention`): per chunk, a
-softmax over its window and its sparse-cache members, and the linear state as a prefix sum of per-chunk
-φ(k)ᵀv minus the sparse-cache members. Given the same cache membership this is exactly the recurrent
-computation of `lolachat.lola.LolaAttention` (tests/test_distill.py checks it).
+softmax over its window and its sparse-cache members, and the linear state as a (faded) prefix sum over the
+evictions of the φ(k)ᵀv that each eviction folded. Given the same cache membership and folds this is exactly
+the recurrent computation of `lolachat.lola.LolaAttention`, the fading of `state_halflife` included
+(tests/test_distill.py checks it).
+
+Stage 2 can also continue from an existing adapter (`DistillConfig.init_adapter`, stage 1 skipped with
+`steps = 0`), e.g. on longer sequences with the runtime's own window, λ and half-life in the loop; the written
+adapter records what it continued from (`continued_from`: the parent file's sha256, its recipe and evals).
+For long sequences `stage2_recompute` keeps only each layer's input for the backward pass (the layer is
+recomputed, its sparse-cache schedule is not) and takes the loss in slices of the sequence.
 """
 
 from __future__ import annotations
@@ -27,15 +34,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from lolachat.adapter import INIT_WINDOW_FACTOR, Adapter, save_adapter
-from lolachat.errors import BadInput
+from lolachat.adapter import INIT_WINDOW_FACTOR, Adapter, load_adapter, save_adapter
+from lolachat.errors import BadInput, LolachatError
 from lolachat.kernels import reference as ref
-from lolachat.lola import LayerAdapter, expand_heads
+from lolachat.lola import LayerAdapter, LolaConfig, expand_heads
 
 CHECKPOINT_VERSION = 1
 StepCallback = Callable[[str, int, int, float], None]  # (stage, step, planned steps, loss)
@@ -70,6 +79,10 @@ class DistillConfig:
     selection: str = "head"  # sparse-cache selection in the loop (lola.LolaConfig.selection)
     stage2_mix: str = "lola"
     max_distance: int | None = None
+    state_halflife: int = 0  # the linear state fades in the loop as at inference (lola.LolaConfig.state_halflife)
+    stage2_recompute: bool = False  # keep only each layer's input for backward; loss in slices (long sequences)
+    loss_slice: int = 4096  # tokens per slice of the loss with stage2_recompute
+    init_adapter: str | None = None  # start from this adapter's maps, window factors and LoRA (a file)
     # both
     lr_final_ratio: float = 0.1  # cosine decay to this share of the peak rate
     grad_clip: float = 1.0
@@ -92,6 +105,8 @@ class DistillConfig:
             raise BadInput("steps must be >= 0 and batches >= 1")
         if not self.seq_lens or min(self.seq_lens) < 2 or self.stage2_seq_len < 2:
             raise BadInput("sequence lengths must be at least 2 tokens")
+        if self.state_halflife < 0 or self.loss_slice < 1:
+            raise BadInput("the state half-life must be >= 0 and the loss slice >= 1")
 
     @property
     def lora_scale(self) -> float:
@@ -112,15 +127,46 @@ def _shift_chunks(x: torch.Tensor, by: int) -> torch.Tensor:
     return F.pad(x, pad)[:, :, : x.shape[2]]
 
 
+class Schedule(NamedTuple):
+    """What inference's memory does over a sequence, chunk by chunk (from `sparse_schedule`).
+
+    idx [B,H,N,S] / valid [1,1,N,S]: the sparse-cache members the queries of chunk n see (token positions);
+    fold_idx [B,H,N,W] / fold_valid [1,1,N,W]: the pairs folded into the linear state when chunk n left the
+    window (n = 0..N−3; the queries of chunk n + 2 are the first to see them)."""
+
+    idx: torch.Tensor
+    valid: torch.Tensor
+    fold_idx: torch.Tensor
+    fold_valid: torch.Tensor
+
+
+def state_fade(chunk: int, state_halflife: int) -> float:
+    """The factor on H and s before each eviction that folds: inference's own (lola.LolaConfig.state_fade)."""
+    return LolaConfig(chunk=chunk, state_halflife=state_halflife).state_fade()
+
+
+def _faded_prefix(x: torch.Tensor, fade: float) -> torch.Tensor:
+    """x [B,H,N,...] per eviction -> [B,H,N,...]: out[n] = Σ_{j ≤ n−2} fade^(n−2−j) · x[j]."""
+    if fade == 1.0:
+        return _shift_chunks(torch.cumsum(x, dim=2), 2)
+    n = x.shape[2]
+    age = torch.arange(n, device=x.device).view(-1, 1) - 2 - torch.arange(n, device=x.device).view(1, -1)
+    weights = torch.where(age >= 0, fade ** age.clamp_min(0).to(x.dtype), torch.zeros((), dtype=x.dtype,
+                                                                                          device=x.device))
+    return torch.einsum("nj,bhj...->bhn...", weights, x)
+
+
 def hybrid_attention(q_pre: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor,
                      phi_k: torch.Tensor, window_factor: torch.Tensor, inv_freq: torch.Tensor, *, chunk: int,
-                     mix: str, phi_input: str, sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     max_distance: int | None = None) -> torch.Tensor:
+                     mix: str, phi_input: str, sparse: Schedule | None = None,
+                     max_distance: int | None = None, state_halflife: int = 0) -> torch.Tensor:
     """LoLA attention over a whole sequence at positions 0..T−1, in parallel form; float32 [B,H,T,D].
 
     q_pre [B,H,T,D], k_pre / v [B,Hkv,T,D] (before RoPE); phi_q / phi_k [H,D,F/2]; window_factor [H].
-    `sparse` = (idx [B,H,N,S], valid [B or 1, H or 1, N, S]): the sparse-cache members seen by the queries
-    of each chunk (token positions), from `sparse_schedule`; None = window + linear state only (λ = 0).
+    `sparse`: the sparse-cache members seen by the queries of each chunk and the pairs each eviction folded
+    (token positions), from `sparse_schedule`; None = window + linear state only (λ = 0: every chunk folds
+    whole as it leaves the window). `state_halflife` fades the linear state as inference does
+    (lola.LolaConfig.state_halflife: × 0.5^(C / half-life) before each eviction that folds).
     """
     b, h, t, d = q_pre.shape
     c = chunk
@@ -157,12 +203,11 @@ def hybrid_attention(q_pre: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor, 
 
     sparse_logits = None
     if sparse is not None:
-        idx, valid = sparse
+        idx, valid = sparse.idx, sparse.valid
         s = idx.shape[-1]
         flat = idx.reshape(b, h, n * s)
         ks = ref.gather_tokens(k, flat).view(b, h, n, s, d)
         vs = ref.gather_tokens(vv, flat).view(b, h, n, s, d)
-        fks = ref.gather_tokens(fk_flat, flat).view(b, h, n, s, -1)
         ks_rot = ref.rope_rotate(ks, idx, inv_freq)
         sparse_logits = torch.einsum("bhncd,bhnsd->bhncs", qc, ks_rot)
         if max_distance is not None and n * c - 1 > max_distance:
@@ -177,11 +222,19 @@ def hybrid_attention(q_pre: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor, 
     soft_num = torch.einsum("bhnck,bhnkd->bhncd", w, vw)
     soft_den = w.sum(dim=-1, keepdim=True)
 
-    # linear state for chunk n: every token of chunks 0..n−2
-    u = torch.einsum("bhncf,bhncd->bhnfd", fk, vc)
-    z = fk.sum(dim=3)
-    h_state = _shift_chunks(torch.cumsum(u, dim=2), 2)
-    s_state = _shift_chunks(torch.cumsum(z, dim=2), 2)
+    # linear state for chunk n: the pairs folded by the evictions of chunks 0..n−2, each faded once per later
+    # eviction (every eviction folds once the cache is full, and before that nothing is in the state)
+    if sparse is None:
+        fold_fk, fold_v = fk, vc
+    else:
+        width = sparse.fold_idx.shape[-1]
+        flat = sparse.fold_idx.reshape(b, h, n * width)
+        fold_fk = ref.gather_tokens(fk_flat, flat).view(b, h, n, width, fk_flat.shape[-1])
+        fold_fk = fold_fk * sparse.fold_valid.unsqueeze(-1)
+        fold_v = ref.gather_tokens(vv, flat).view(b, h, n, width, d)
+    fade = state_fade(c, state_halflife)
+    h_state = _faded_prefix(torch.einsum("bhnwf,bhnwd->bhnfd", fold_fk, fold_v), fade)
+    s_state = _faded_prefix(fold_fk.sum(dim=3), fade)
     lin_num = torch.einsum("bhncf,bhnfd->bhncd", fq, h_state)
     lin_den = torch.einsum("bhncf,bhnf->bhnc", fq, s_state).unsqueeze(-1)
 
@@ -189,10 +242,6 @@ def hybrid_attention(q_pre: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor, 
         ws = torch.exp(sparse_logits - m)
         soft_num = soft_num + torch.einsum("bhncs,bhnsd->bhncd", ws, vs)
         soft_den = soft_den + ws.sum(dim=-1, keepdim=True)
-        # cached pairs are not in the linear state: take them out of the prefix sums
-        a = torch.einsum("bhncf,bhnsf->bhncs", fq, fks) * valid.unsqueeze(3)
-        lin_num = lin_num - torch.einsum("bhncs,bhnsd->bhncd", a, vs)
-        lin_den = lin_den - a.sum(dim=-1, keepdim=True)
 
     g = torch.sigmoid(window_factor.float()).view(1, h, 1, 1, 1)
     if mix == "lola":
@@ -207,15 +256,16 @@ def hybrid_attention(q_pre: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor, 
 
 @torch.no_grad()
 def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, inv_freq: torch.Tensor, *,
-                    n_heads: int, chunk: int, capacity: int, phi_input: str,
-                    selection: str = "head") -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Which tokens the sparse cache holds for the queries of each chunk, as inference would decide.
+                    n_heads: int, chunk: int, capacity: int, phi_input: str, selection: str = "head",
+                    state_halflife: int = 0) -> Schedule | None:
+    """Which tokens the sparse cache holds for the queries of each chunk, and which each eviction folds, as
+    inference would decide.
 
     Replays DESIGN §4.4 over the chunks: chunk j leaves the window when chunk j+1 is complete, is appended
     while there is room, and otherwise competes with the cache by self-recall error against the linear
-    state, the losers folded in; with `selection="group"` every head of a KV-head group keeps the group's
-    set (reference.group_scores). Returns (idx [B,H,N,S], valid [1,1,N,S]) or None when no query ever sees
-    a cached pair.
+    state (faded first, as `lola.fade_state` does with `state_halflife`), the losers folded in; with
+    `selection="group"` every head of a KV-head group keeps the group's set (reference.group_scores).
+    Returns a `Schedule`, or None when no query ever sees a cached pair (λ = 0 or under 3 chunks).
     """
     b, _, t, _ = k_pre.shape
     c = chunk
@@ -223,6 +273,7 @@ def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, i
     if capacity == 0 or n < 3:
         return None
     group = n_heads // k_pre.shape[1] if selection == "group" else 1
+    fade = state_fade(c, state_halflife)
     k = _expand(k_pre.float(), n_heads)
     vv = _expand(v.float(), n_heads)
     if phi_input == "post_rope":
@@ -232,23 +283,33 @@ def sparse_schedule(k_pre: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, i
     s_state = torch.zeros(b, n_heads, fk.shape[-1], device=k.device)
     cache = torch.empty(b, n_heads, 0, dtype=torch.long, device=k.device)
     idx = torch.zeros(b, n_heads, n, capacity, dtype=torch.long, device=k.device)
-    sizes = [0] * n
+    folds = torch.zeros(b, n_heads, n, c, dtype=torch.long, device=k.device)  # at most C fold per eviction
+    sizes, fold_sizes = [0] * n, [0] * n
     for j in range(n - 2):  # chunk j leaves the window before the queries of chunk j + 2
         new = torch.arange(j * c, (j + 1) * c, device=k.device).expand(b, n_heads, c)
         if cache.shape[-1] + c <= capacity:
             cache = torch.cat([cache, new], dim=-1)
         else:
+            if fade != 1.0:
+                h_state.mul_(fade)
+                s_state.mul_(fade)
             cand = torch.cat([cache, new], dim=-1)
             cand_fk, cand_v = ref.gather_tokens(fk, cand), ref.gather_tokens(vv, cand)
             scores = ref.self_recall_error(cand_fk, cand_v, h_state, s_state)
             keep, drop = (expand_heads(x, group) for x in ref.select_keep(ref.group_scores(scores, group), capacity))
             ref.fold(ref.gather_tokens(cand_fk, drop), ref.gather_tokens(cand_v, drop), h_state, s_state)
+            fold_sizes[j] = drop.shape[-1]
+            folds[:, :, j, : fold_sizes[j]] = ref.gather_tokens(cand, drop)
             cache = ref.gather_tokens(cand, keep)
         sizes[j + 2] = cache.shape[-1]
         idx[:, :, j + 2, : sizes[j + 2]] = cache
-    width = max(sizes)
-    valid = torch.arange(width, device=k.device).view(1, -1) < torch.tensor(sizes, device=k.device).view(-1, 1)
-    return idx[..., :width], valid.view(1, 1, n, width)
+
+    def used(x: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(counts)
+        valid = torch.arange(width, device=k.device).view(1, -1) < torch.tensor(counts, device=k.device).view(-1, 1)
+        return x[..., :width], valid.view(1, 1, n, width)
+
+    return Schedule(*used(idx, sizes), *used(folds, fold_sizes))
 
 
 def teacher_attention(q_pre, k_pre, v, inv_freq) -> torch.Tensor:
@@ -365,25 +426,82 @@ def stage1_loss(model, tokens: torch.Tensor, tr: Trainable, cfg: DistillConfig, 
     return float(total)
 
 
+def _student_layer(model, i: int, x: torch.Tensor, tr: Trainable, cfg: DistillConfig, inv_freq: torch.Tensor,
+                   schedule=None, scheduled: bool = False) -> torch.Tensor:
+    """One decoder layer of the student: x [B,T,dim] -> x. `scheduled`: `schedule` is this layer's already."""
+    block = model.model.layers[i]
+    attn = block.self_attn
+    b, t, _ = x.shape
+    q, k, v = layer_qkv(attn, block.input_layernorm(x), tr, i)
+    phi_q, phi_k, wf = tr.layer(i)
+    if not scheduled:
+        schedule = layer_schedule(attn, k, v, phi_k, inv_freq, cfg)
+    y = hybrid_attention(q, k, v, phi_q, phi_k, wf, inv_freq, chunk=cfg.chunk, mix=cfg.stage2_mix,
+                         phi_input=cfg.phi_input, sparse=schedule, max_distance=cfg.max_distance,
+                         state_halflife=cfg.state_halflife)
+    y = y.to(x.dtype).transpose(1, 2).reshape(b, t, -1)
+    x = x + _project(attn.o_proj, y, tr.lora(i, "o"), tr.lora_scale)
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
+def layer_schedule(attn, k: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, inv_freq: torch.Tensor,
+                   cfg: DistillConfig) -> Schedule | None:
+    return sparse_schedule(k, v, phi_k, inv_freq, n_heads=attn.n_heads, chunk=cfg.chunk, capacity=cfg.sparse,
+                           phi_input=cfg.phi_input, selection=cfg.selection, state_halflife=cfg.state_halflife)
+
+
+def student_hidden(model, tokens: torch.Tensor, tr: Trainable, cfg: DistillConfig) -> torch.Tensor:
+    """Last hidden states [B,T,dim] of the LoLA student, before the final norm (LoRA applied, sparse cache λ in
+    the loop, stage 2 mix, the state fading as at inference).
+
+    With `cfg.stage2_recompute` and gradients on, each layer keeps only its input for the backward pass and is
+    run again there (torch.utils.checkpoint); its sparse-cache schedule, which needs no gradient, is computed
+    once beforehand from the same k and v, so the backward pass does not replay the evictions."""
+    inv_freq = model.rope.inv_freq.to(tokens.device)
+    x = model.model.embed_tokens(tokens)
+    recompute = cfg.stage2_recompute and torch.is_grad_enabled()
+    for i, block in enumerate(model.model.layers):
+        if not recompute:
+            x = _student_layer(model, i, x, tr, cfg, inv_freq)
+            continue
+        with torch.no_grad():
+            _, k, v = layer_qkv(block.self_attn, block.input_layernorm(x), tr, i)
+            schedule = layer_schedule(block.self_attn, k, v, tr.layer(i)[1], inv_freq, cfg)
+            del k, v
+        x = checkpoint(_student_layer, model, i, x, tr, cfg, inv_freq, schedule, True, use_reentrant=False)
+    return x
+
+
+def _head_weight(model) -> torch.Tensor:
+    return model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+
+
 def student_logits(model, tokens: torch.Tensor, tr: Trainable, cfg: DistillConfig) -> torch.Tensor:
     """Logits [B,T,V] of the LoLA student (LoRA applied, sparse cache λ in the loop, stage 2 mix)."""
-    inv_freq = model.rope.inv_freq.to(tokens.device)
+    return F.linear(model.model.norm(student_hidden(model, tokens, tr, cfg)), _head_weight(model))
+
+
+def _slice_loss(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(model.model.norm(x), _head_weight(model))
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
+def student_loss(model, tokens: torch.Tensor, tr: Trainable, cfg: DistillConfig) -> torch.Tensor:
+    """Mean next-token cross-entropy of the student over tokens [B,T]. With `cfg.stage2_recompute` the logits
+    are made `cfg.loss_slice` positions at a time (and again in the backward pass), never [B,T,V] at once."""
+    x = student_hidden(model, tokens, tr, cfg)
+    if not cfg.stage2_recompute:
+        return next_token_loss(F.linear(model.model.norm(x), _head_weight(model)), tokens)
     b, t = tokens.shape
-    x = model.model.embed_tokens(tokens)
-    for i, block in enumerate(model.model.layers):
-        attn = block.self_attn
-        q, k, v = layer_qkv(attn, block.input_layernorm(x), tr, i)
-        phi_q, phi_k, wf = tr.layer(i)
-        sparse = sparse_schedule(k, v, phi_k, inv_freq, n_heads=attn.n_heads, chunk=cfg.chunk,
-                                 capacity=cfg.sparse, phi_input=cfg.phi_input, selection=cfg.selection)
-        y = hybrid_attention(q, k, v, phi_q, phi_k, wf, inv_freq, chunk=cfg.chunk, mix=cfg.stage2_mix,
-                             phi_input=cfg.phi_input, sparse=sparse, max_distance=cfg.max_distance)
-        y = y.to(x.dtype).transpose(1, 2).reshape(b, t, -1)
-        x = x + _project(attn.o_proj, y, tr.lora(i, "o"), tr.lora_scale)
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    x = model.model.norm(x)
-    head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    return F.linear(x, head)
+    total = torch.zeros((), device=tokens.device)
+    for start in range(0, t - 1, cfg.loss_slice):
+        end = min(start + cfg.loss_slice, t - 1)
+        piece, targets = x[:, start:end], tokens[:, start + 1 : end + 1]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_slice_loss, model, piece, targets, use_reentrant=False)
+        else:
+            total = total + _slice_loss(model, piece, targets)
+    return total / (b * (t - 1))
 
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -553,10 +671,69 @@ def stage1_batch(cfg: DistillConfig, step: int, planned: int) -> tuple[int, int]
     return length, max(1, cfg.batch * cfg.seq_lens[0] // length)
 
 
-def fingerprint(cfg: DistillConfig, weights_sha256: str, corpus_meta: dict) -> str:
-    blob = json.dumps({"cfg": asdict(cfg), "weights": weights_sha256, "data": corpus_meta}, sort_keys=True,
-                      default=str)
+def fingerprint(cfg: DistillConfig, weights_sha256: str, corpus_meta: dict, init_sha256: str = "") -> str:
+    blob = json.dumps({"cfg": asdict(cfg), "weights": weights_sha256, "data": corpus_meta, "init": init_sha256},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def read_init_adapter(path: str | Path, model, cfg: DistillConfig, base: dict, tr: Trainable) -> dict:
+    """Load the adapter at `path` into the trainable parameters and return its lineage record.
+
+    It must fit this model and run: the same base weights (when it records them), φ input, feature dimension,
+    and LoRA rank and scale (its LoRA, if any, is continued; without one LoRA starts from zero). Its chunk C,
+    λ and selection may differ: continuing under other settings is the point. Refused with one message."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"initial adapter {path} does not exist")
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        adapter = load_adapter(path, model.args)
+    except LolachatError as err:
+        raise BadInput(f"cannot continue from {path}: {err}") from None
+    meta, a = adapter.metadata, model.args
+    problems = []
+    for key, ours in (("n_layers", a.n_layers), ("n_heads", a.n_heads), ("head_dim", a.head_dim)):
+        if meta.get(key, ours) != ours:
+            problems.append(f"{key} = {meta[key]} where this model has {ours}")
+    theirs, ours = meta.get("base_weights_sha256"), base.get("weights_sha256")
+    if theirs and ours and theirs != ours:
+        problems.append(f"base weights sha256 {theirs[:12]}… where this model's are {ours[:12]}…")
+    if adapter.phi_input != cfg.phi_input:
+        problems.append(f"feature maps on {adapter.phi_input} inputs (pass --phi-input {adapter.phi_input})")
+    half, want_half = adapter.layers[0].phi_q.shape[-1], tr.layer(0)[0].shape[-1]
+    if half != want_half:
+        problems.append(f"feature dimension F = {2 * half} where this run has {2 * want_half} "
+                        f"(pass --feature-dim {2 * half})")
+    tensors = {}
+    for i, layer in enumerate(adapter.layers):
+        p = f"layers.{i}.attn."
+        tensors.update({p + "phi_q": layer.phi_q, p + "phi_k": layer.phi_k, p + "window_factor": layer.window_factor})
+    if adapter.lora:
+        lora_names = {name for name in tr.params if ".lora_" in name}
+        rank = adapter.lora[min(adapter.lora)].shape[0]
+        scale = float(meta.get("lora_scale", cfg.lora_scale))
+        if set(adapter.lora) != lora_names:
+            problems.append("LoRA tensors other than lora_a / lora_b on q, k, v, o of every layer")
+        elif rank != cfg.lora_rank or not math.isclose(scale, cfg.lora_scale):
+            problems.append(f"LoRA of rank {rank} and scale {scale:g} where this run has rank {cfg.lora_rank} and "
+                            f"scale {cfg.lora_scale:g} (pass --lora-rank {rank} --lora-alpha {scale * rank:g})")
+        tensors.update(adapter.lora)
+        if not cfg.stage2_steps:  # stage 1 alone writes maps only
+            problems.append("LoRA, which a run without stage 2 steps would drop (give stage 2 steps)")
+    if not problems:
+        bad = [f"{name} {tuple(value.shape)} (this run: {tuple(tr.params[name].shape)})"
+               for name, value in tensors.items() if value.shape != tr.params[name].shape]
+        problems += [f"tensors of other shapes: {', '.join(bad[:3])}"] if bad else []
+    if problems:
+        raise BadInput(f"cannot continue from {path}: it has " + "; ".join(problems))
+    tr.load(tensors)
+    lineage = {
+        "file": path.name, "sha256": sha256, "adapter_digest": adapter.digest(), "created": meta.get("created"),
+        "stage": meta.get("stage"), "chunk": meta.get("chunk"), "lora": bool(adapter.lora),
+        "recipe": meta.get("recipe"), "eval": meta.get("eval"), "continued_from": meta.get("continued_from"),
+    }
+    return {k: v for k, v in lineage.items() if v is not None}
 
 
 def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, base: dict, data_meta: dict,
@@ -566,7 +743,9 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
 
     `base` describes the base model (name, source, weights_sha256) for the metadata; `data_meta` the
     training text. Writes `out` (stage 2 adapter, or stage 1 when stage 2 has no steps) and, when both
-    stages run, `<out stem>.stage1.lola.safetensors`. Returns the metadata written.
+    stages run, `<out stem>.stage1.lola.safetensors`. With `cfg.init_adapter` training starts from that
+    adapter (`read_init_adapter`); with `cfg.steps = 0` as well, stage 1 is skipped and no stage 1 file is
+    written. Returns the metadata written.
     """
     out = Path(out)
     device = next(model.parameters()).device
@@ -575,7 +754,12 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
     model.eval()
     tr = Trainable(model, cfg, device)
     say = notice or (lambda message: None)
-    ckpt = Checkpoint(Path(str(out) + ".ckpt"), fingerprint(cfg, base.get("weights_sha256", ""), data_meta))
+    lineage = read_init_adapter(cfg.init_adapter, model, cfg, base, tr) if cfg.init_adapter else None
+    if lineage:
+        say(f"starting from {cfg.init_adapter} (sha256 {lineage['sha256'][:12]}, "
+            f"{'maps and LoRA' if lineage['lora'] else 'maps only'})")
+    ckpt = Checkpoint(Path(str(out) + ".ckpt"), fingerprint(cfg, base.get("weights_sha256", ""), data_meta,
+                                                             lineage["sha256"] if lineage else ""))
     if restart and ckpt.path.exists():
         ckpt.path.unlink()
     saved = ckpt.load()
@@ -586,9 +770,11 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
         states = {int(k): StageState(**v) for k, v in saved["states"].items()}
         optim_state = saved["optim"]
         say(f"resuming from {ckpt.path} (stage 1 step {states[1].step}, stage 2 step {states[2].step})")
-    longest = max(*cfg.seq_lens, cfg.stage2_seq_len)
+    longest = max(*cfg.seq_lens, cfg.stage2_seq_len) if cfg.steps else cfg.stage2_seq_len
     batches = Batches(tokens, device, cfg.seed, longest)
     evals: dict = {}
+    # the teacher beyond its own context is no reference (and its exact attention costs T²): skipped there
+    teacher_fits = cfg.stage2_seq_len + 1 <= model.args.max_position
 
     def valid_stage1() -> float:
         length = cfg.seq_lens[0]
@@ -596,14 +782,15 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
                   for i in range(cfg.eval_batches)]
         return round(sum(losses) / len(losses), 5)
 
-    def valid_stage2() -> tuple[float, float]:
+    def valid_stage2() -> tuple[float, float | None]:
         student, teacher = [], []
         for i in range(cfg.eval_batches):
             batch = batches.valid(i, cfg.stage2_batch, cfg.stage2_seq_len + 1)
             with torch.no_grad():
-                student.append(float(next_token_loss(student_logits(model, batch, tr, cfg), batch)))
-            teacher.append(teacher_loss(model, batch))
-        return round(sum(student) / len(student), 5), round(sum(teacher) / len(teacher), 5)
+                student.append(float(student_loss(model, batch, tr, cfg)))
+            if teacher_fits:
+                teacher.append(teacher_loss(model, batch))
+        return round(sum(student) / len(student), 5), round(sum(teacher) / len(teacher), 5) if teacher else None
 
     # stage 1: attention transfer
     s1 = states[1]
@@ -620,22 +807,29 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
         optim_state = None
     if cfg.steps:
         evals["stage1_valid_mse"] = valid_stage1()
-    if cfg.stage2_steps:
-        evals["stage1_valid_xent"], evals["teacher_valid_xent"] = valid_stage2()
+    s2 = states[2]
+    if cfg.stage2_steps and s2.step == 0:  # the student before stage 2 (after a resume, that moment is gone)
+        before, teacher = valid_stage2()
+        evals["init_valid_xent" if lineage and not cfg.steps else "stage1_valid_xent"] = before
+        if teacher is not None:
+            evals["teacher_valid_xent"] = teacher
+        else:
+            say(f"no teacher reference: {cfg.stage2_seq_len + 1} tokens exceed the model's context "
+                f"({model.args.max_position})")
 
     def metadata(stage: int) -> dict:
-        return build_metadata(model, cfg, base, data_meta, states, evals, stage)
+        return build_metadata(model, cfg, base, data_meta, states, evals, stage, lineage)
 
-    s2 = states[2]
     if not cfg.stage2_steps:
         meta = metadata(1)
         save_adapter(tr.adapter(meta, with_lora=False), out)
     else:
-        save_adapter(tr.adapter(metadata(1), with_lora=False), stage1_path(out))
+        if cfg.steps or not lineage:
+            save_adapter(tr.adapter(metadata(1), with_lora=False), stage1_path(out))
         if not s2.done:
             def step2(step: int) -> float:
                 batch = batches.train(2, step, cfg.stage2_batch, cfg.stage2_seq_len + 1)
-                loss = next_token_loss(student_logits(model, batch, tr, cfg), batch)
+                loss = student_loss(model, batch, tr, cfg)
                 loss.backward()
                 return float(loss.detach())
 
@@ -655,7 +849,9 @@ def stage1_path(out: Path) -> Path:
 
 
 def build_metadata(model, cfg: DistillConfig, base: dict, data_meta: dict, states: dict[int, StageState],
-                   evals: dict, stage: int) -> dict:
+                   evals: dict, stage: int, lineage: dict | None = None) -> dict:
+    """The adapter's metadata (DESIGN §4.5). `lineage`: the adapter this run continued from
+    (`read_init_adapter`), recorded as `continued_from`; its stage 1 recipe stands when this run has none."""
     from lolachat import __version__
 
     a = model.args
@@ -670,9 +866,14 @@ def build_metadata(model, cfg: DistillConfig, base: dict, data_meta: dict, state
             "seq_lens": list(cfg.seq_lens), "batch": cfg.batch, "steps": s1.step, "steps_requested": cfg.steps,
             "tokens": sum(stage1_batch(cfg, i, max(1, s1.planned))[0] * stage1_batch(cfg, i, max(1, s1.planned))[1]
                           for i in range(s1.step)),
-            "seconds": round(s1.seconds, 1), "mix": cfg.mix, "grad_clip": cfg.grad_clip,
+            "seconds": round(s1.seconds, 1), "mix": cfg.mix, "grad_clip": cfg.grad_clip, "chunk": cfg.chunk,
         },
     }
+    if lineage and not cfg.steps:  # stage 1 was not run here: the parent's stands
+        recipe["stage1"] = {**(lineage.get("recipe") or {}).get("stage1", {}), "inherited_from": lineage["sha256"]}
+        recipe["stage1"].setdefault("chunk", lineage.get("chunk"))
+    elif lineage:
+        recipe["stage1"]["init_adapter_sha256"] = lineage["sha256"]
     if stage == 2:
         recipe["stage2"] = {
             "method": "LoRA on q, k, v, o with next-token cross-entropy through the LoLA student "
@@ -682,8 +883,13 @@ def build_metadata(model, cfg: DistillConfig, base: dict, data_meta: dict, state
             "max_distance": cfg.max_distance, "optimizer": "Adam", "lr": cfg.stage2_lr,
             "seq_len": cfg.stage2_seq_len, "batch": cfg.stage2_batch, "steps": s2.step,
             "steps_requested": cfg.stage2_steps, "tokens": s2.step * cfg.stage2_batch * (cfg.stage2_seq_len + 1),
-            "seconds": round(s2.seconds, 1),
+            "seconds": round(s2.seconds, 1), "chunk": cfg.chunk, "state_halflife": cfg.state_halflife,
+            "recompute": cfg.stage2_recompute,
         }
+        if lineage:
+            recipe["stage2"]["continued_from_sha256"] = lineage["sha256"]
+            recipe["stage2"]["method"] += (f"; continued from {lineage['file']} (sha256 {lineage['sha256'][:12]}…, "
+                                           f"its {'LoRA' if lineage['lora'] else 'maps, LoRA from zero'})")
     curves = {"stage1_mse": s1.curve}
     if stage == 2:
         curves["stage2_xent"] = s2.curve
@@ -698,6 +904,6 @@ def build_metadata(model, cfg: DistillConfig, base: dict, data_meta: dict, state
         "lora_scale": cfg.lora_scale if stage == 2 else None,
         "stage": stage, "recipe": recipe, "data": data_meta, "eval": dict(evals), "curves": curves,
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "lolachat_version": __version__,
-        "seed": cfg.seed,
+        "seed": cfg.seed, "continued_from": lineage,
     }
     return {k: v for k, v in meta.items() if v is not None}

@@ -13,6 +13,17 @@ the rest evaluation. Training stops by time, so the script ends on time whatever
 Writes into --out: smollm2-135m.lola.safetensors (the adapter, eval numbers in its metadata),
 smollm2-135m.stage1.lola.safetensors, results.json, results.md (the table), train.log. Runs on CPU too
 (`--device cpu` with a small model and budget: that is how the test suite exercises this same code path).
+
+Continuing from an adapter (stage 2 only, e.g. on long sequences under the runtime's settings):
+
+    python3 scripts/distill_gpu.py --model M.gguf --data CORPUS.npz --out "$OUT" --budget 300 \
+        --init-adapter models/smollm2-135m.lola.safetensors --stage1-share 0 --stage2-share 0.55 \
+        --window 256 --sparse 384 --selection group --state-halflife 8192 --stage2-seq-len 16384 \
+        --stage2-batch 1 --recompute --ppl-contexts 4096,32768 --ppl-aligned --eval-sparse 384 --skip-exact
+
+`--stage1-share 0` skips stage 1; the evaluation then compares the new adapter with the initial one under the
+same settings (window, λ, selection, half-life), the perplexity windows aligned so that every context length
+scores the same tokens.
 """
 
 from __future__ import annotations
@@ -75,14 +86,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparse", type=int, default=256, help="λ in the stage 2 loop")
     p.add_argument("--selection", default="head", choices=["head", "group"], help="selection in the stage 2 loop")
     p.add_argument("--max-distance", type=int, default=4096)
-    p.add_argument("--stage1-share", type=float, default=0.42)
+    p.add_argument("--state-halflife", type=int, default=0,
+                   help="the linear state fades (tokens to half) in the stage 2 loop and in the evaluation")
+    p.add_argument("--recompute", action="store_true",
+                   help="stage 2 keeps only each layer's input for backward and takes the loss in slices")
+    p.add_argument("--init-adapter", help="start from this adapter (its maps, window factors and LoRA)")
+    p.add_argument("--stage1-share", type=float, default=0.42, help="0 = no stage 1")
     p.add_argument("--stage2-share", type=float, default=0.22)
+    p.add_argument("--eval-batches", type=int, default=2, help="held-out batches for the losses before/after")
     # evaluation
     p.add_argument("--ppl-contexts", default="1024,4096")
     p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--ppl-aligned", action="store_true",
+                   help="every context's windows end where the longest context's do: the same tokens scored")
+    p.add_argument("--skip-exact", action="store_true", help="no exact-attention row in the evaluation")
     p.add_argument("--passkey-lengths", default="1024,2048,4096")
     p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
-    p.add_argument("--passkey-samples", type=int, default=3, help="per cell (cut evenly if time runs out)")
+    p.add_argument("--passkey-samples", type=int, default=3, help="per cell (cut evenly if time runs out); 0 = none")
     p.add_argument("--eval-sparse", default="0,256", help="λ values evaluated with the final adapter")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -139,12 +159,14 @@ def main(argv=None) -> int:
         batch=args.batch, lr=args.lr, seconds=args.stage1_share * args.budget, stage2_steps=100_000,
         stage2_batch=args.stage2_batch, stage2_seq_len=args.stage2_seq_len, stage2_lr=args.stage2_lr,
         stage2_seconds=args.stage2_share * args.budget, sparse=args.sparse, selection=args.selection,
-        max_distance=args.max_distance,
-        seed=args.seed, checkpoint_every=0, eval_batches=2,
+        max_distance=args.max_distance, state_halflife=args.state_halflife, stage2_recompute=args.recompute,
+        init_adapter=args.init_adapter, seed=args.seed, checkpoint_every=0, eval_batches=args.eval_batches,
     )
     # the plans are time-bound; give the cosine schedule a horizon the time cap will shorten
-    cfg.steps = cfg.stage2_steps = 20_000
-    log(f"training: stage 1 {cfg.seconds:.0f} s, stage 2 {cfg.stage2_seconds:.0f} s of {left:.0f} s left")
+    cfg.steps = 20_000 if args.stage1_share > 0 else 0
+    cfg.stage2_steps = 20_000 if args.stage2_share > 0 else 0
+    log(f"training: stage 1 {cfg.seconds if cfg.steps else 0:.0f} s, stage 2 {cfg.stage2_seconds:.0f} s "
+        f"of {left:.0f} s left")
     model = factory.build(None).model  # the base model on the device, no adapter
     base = {"name": "HuggingFaceTB/SmolLM2-135M-Instruct (" + Path(args.model).name + ")",
             "source": f"local:{args.model}", "weights_sha256": factory.loaded.weights_sha256}
@@ -164,13 +186,21 @@ def main(argv=None) -> int:
         log(f"peak GPU memory in training: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         torch.cuda.empty_cache()
     log(f"wrote {adapter_path}: eval {json.dumps(meta['eval'])}")
+    if "stage2" in meta["recipe"]:
+        two = meta["recipe"]["stage2"]
+        log(f"stage 2: {two['steps']} steps of {two['batch']} x {two['seq_len'] + 1} tokens in {two['seconds']} s "
+            f"({two['seconds'] / max(1, two['steps']):.2f} s per step)")
 
     # -- evaluate -----------------------------------------------------------------------------------
-    settings = [("exact", None, None)]
+    settings = [] if args.skip_exact else [("exact", None, None)]
     eval_sparse = [int(x) for x in args.eval_sparse.split(",") if x.strip()]
     variant = " group" if args.selection == "group" else ""
+    variant += f" half-life {args.state_halflife}" if args.state_halflife else ""
     settings += [(f"lola λ={lam}{variant}", adapter_path, lam) for lam in eval_sparse]
-    settings += [(f"stage 1 only λ={max(eval_sparse)}{variant}", stage1_path(adapter_path), max(eval_sparse))]
+    if stage1_path(adapter_path).exists():
+        settings += [(f"stage 1 only λ={max(eval_sparse)}{variant}", stage1_path(adapter_path), max(eval_sparse))]
+    if args.init_adapter:
+        settings += [(f"init λ={max(eval_sparse)}{variant}", Path(args.init_adapter), max(eval_sparse))]
     results: dict = {"settings": [], "training": meta}
     text = heldout.read_text(encoding="utf-8") if heldout.exists() else ""
     ids = factory.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -185,12 +215,21 @@ def main(argv=None) -> int:
             continue
         try:
             engine = factory.build(adapter, sparse=lam or 0, max_distance=args.max_distance,
-                                   selection=args.selection)
+                                   selection=args.selection, window=args.window if adapter else None,
+                                   state_halflife=args.state_halflife if adapter else 0)
             row: dict = {"setting": label, "engine": engine.describe(), "ppl": {}, "passkey": None}
+            align = max(contexts) if args.ppl_aligned else None
             for context in contexts:
-                if len(ids) >= context:
-                    row["ppl"][str(context)] = perplexity(engine, ids, context, tail=512,
-                                                          samples=args.ppl_windows)["ppl"]
+                if len(ids) >= (align or context):
+                    row["ppl"][str(context)] = perplexity(engine, ids, context, tail=512, samples=args.ppl_windows,
+                                                          align_to=align)["ppl"]
+            if len(row["ppl"]) > 1:
+                row["ppl_ratio"] = round(row["ppl"][str(max(contexts))] / row["ppl"][str(min(contexts))], 4)
+            if not args.passkey_samples or not lengths:
+                log(f"{label}: ppl {row['ppl']} (ratio {row.get('ppl_ratio')})")
+                results["settings"].append(row)
+                EngineFactory.release(engine)
+                continue
             share = (deadline - time.monotonic()) / (len(settings) - i)
             # one round of every cell even past the budget, unless the hard limit is near
             rounds = 1 if time.monotonic() < started + args.hard_limit - 45 else 0
@@ -208,6 +247,8 @@ def main(argv=None) -> int:
         if engine is not None:
             EngineFactory.release(engine)
 
+    if not args.passkey_samples:
+        lengths = []  # no retrieval columns
     table = results_table(results, contexts, lengths)
     (out_dir / "results.md").write_text(table + "\n", encoding="utf-8")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
@@ -218,17 +259,21 @@ def main(argv=None) -> int:
 
 
 def results_table(results: dict, contexts: list[int], lengths: list[int]) -> str:
-    head = ["setting"] + [f"ppl@{c}" for c in contexts] + [f"passkey@{n}" for n in lengths] + ["n", "kept@max"]
+    ratio = [f"ppl@{max(contexts)} / ppl@{min(contexts)}"] if len(contexts) > 1 else []
+    retrieval = [f"passkey@{n}" for n in lengths] + ["n", "kept@max"] if lengths else []
+    head = ["setting"] + [f"ppl@{c}" for c in contexts] + ratio + retrieval
     rows = []
     for row in results["settings"]:
         if "error" in row:
             rows.append([row["setting"], "error: " + row["error"][:60]] + [""] * (len(head) - 2))
             continue
         pk = row["passkey"] or {"by_length": {}}
-        cells = [row["setting"]] + [_f(row["ppl"].get(str(c))) for c in contexts]
-        cells += [_f(pk["by_length"].get(str(n), {}).get("score")) for n in lengths]
-        longest = pk["by_length"].get(str(lengths[-1]), {})
-        cells += [str(len(pk.get("samples", []))), _f(longest.get("needle_kept"), 2)]
+        cells = [row["setting"]] + [_f(row["ppl"].get(str(c)), 2) for c in contexts]
+        cells += [_f(row.get("ppl_ratio"), 3)] if ratio else []
+        if lengths:
+            cells += [_f(pk["by_length"].get(str(n), {}).get("score")) for n in lengths]
+            longest = pk["by_length"].get(str(lengths[-1]), {})
+            cells += [str(len(pk.get("samples", []))), _f(longest.get("needle_kept"), 2)]
         rows.append(cells)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -254,7 +299,7 @@ def record_eval_in_adapter(path: Path, results: dict, contexts: list[int], lengt
             continue
         pk = row["passkey"] or {"by_length": {}}
         summary[row["setting"]] = {
-            "ppl_heldout": row["ppl"],
+            "ppl_heldout": row["ppl"], **({"ppl_ratio": row["ppl_ratio"]} if "ppl_ratio" in row else {}),
             "niah_single_1": {n: pk["by_length"].get(str(n), {}).get("score") for n in lengths},
             "passkey_samples": len(pk.get("samples", [])),
         }

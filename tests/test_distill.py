@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
@@ -21,9 +22,11 @@ from lolachat.distill import (
     Trainable,
     distill,
     hybrid_attention,
+    read_init_adapter,
     sparse_schedule,
     stage1_path,
     student_logits,
+    student_loss,
 )
 from lolachat.distill_data import collect, load_corpus, prepare, save_corpus
 from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope
@@ -45,20 +48,23 @@ def random_qkv(t: int, seed: int = 0):
 
 @pytest.mark.parametrize("mix", ["lola", "lolcats"])
 @pytest.mark.parametrize("phi_input", ["pre_rope", "post_rope"])
-@pytest.mark.parametrize("sparse,max_distance,selection", [(0, None, "head"), (5, None, "head"), (16, 20, "head"),
-                                                          (24, None, "head"), (200, 20, "head"), (5, None, "group"),
-                                                          (16, 20, "group")])
-def test_parallel_student_equals_lola_attention(mix, phi_input, sparse, max_distance, selection):
+@pytest.mark.parametrize("sparse,max_distance,selection,halflife", [
+    (0, None, "head", 0), (5, None, "head", 0), (16, 20, "head", 0), (24, None, "head", 0), (200, 20, "head", 0),
+    (5, None, "group", 0), (16, 20, "group", 0),
+    # the linear state fades as at inference (state_halflife): λ = 0, a cache that fills late, group selection
+    (0, None, "head", 16), (20, None, "head", 24), (16, 20, "group", 12)])
+def test_parallel_student_equals_lola_attention(mix, phi_input, sparse, max_distance, selection, halflife):
     t = 83  # not a multiple of C: a partial last chunk
     q, k, v, adapter, inv_freq = random_qkv(t)
     cfg = LolaConfig(chunk=C, sparse=sparse, mix=mix, phi_input=phi_input, max_distance=max_distance,
-                     selection=selection)
+                     selection=selection, state_halflife=halflife)
     attention = LolaAttention(cfg, adapter, Rope(inv_freq), 1 / math.sqrt(D))
     want = attention.attend(LolaLayerMemory(cfg, B, H, HKV, D, 2 * HALF, torch.float32, "cpu"), q, k, v, 0)
     schedule = sparse_schedule(k, v, adapter.phi_k, inv_freq, n_heads=H, chunk=C, capacity=sparse,
-                               phi_input=phi_input, selection=selection)
+                               phi_input=phi_input, selection=selection, state_halflife=halflife)
     got = hybrid_attention(q, k, v, adapter.phi_q, adapter.phi_k, adapter.window_factor, inv_freq, chunk=C,
-                           mix=mix, phi_input=phi_input, sparse=schedule, max_distance=max_distance)
+                           mix=mix, phi_input=phi_input, sparse=schedule, max_distance=max_distance,
+                           state_halflife=halflife)
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
     assert (schedule is None) == (sparse == 0)
 
@@ -69,8 +75,8 @@ def test_schedule_is_the_inference_cache_chunk_by_chunk():
     cfg = LolaConfig(chunk=C, sparse=20, phi_input="pre_rope")
     attention = LolaAttention(cfg, adapter, Rope(inv_freq), 1 / math.sqrt(D))
     mem = LolaLayerMemory(cfg, B, H, HKV, D, 2 * HALF, torch.float32, "cpu")
-    idx, valid = sparse_schedule(k, v, adapter.phi_k, inv_freq, n_heads=H, chunk=C, capacity=20,
-                                 phi_input="pre_rope")
+    idx, valid, _, _ = sparse_schedule(k, v, adapter.phi_k, inv_freq, n_heads=H, chunk=C, capacity=20,
+                                       phi_input="pre_rope")
     for n in range(10):
         if n >= 2:  # what the queries of chunk n see = the cache after chunks 0..n-1 went in
             members = idx[:, :, n, valid[0, 0, n]]
@@ -208,6 +214,156 @@ def test_time_cap_shortens_the_plan(tiny_folder, text_file, tmp_path):
     result = distill(model, tokens, small_config(steps=500, seconds=0.0, stage2_steps=0, seq_lens=(32,)),
                      tmp_path / "t.lola.safetensors", base=base, data_meta=meta)
     assert 1 <= result["recipe"]["stage1"]["steps"] <= 5
+
+
+# ------------------------------------------------------------------- continuing from an adapter (stage 2 only)
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_folder, text_file, tmp_path_factory):
+    """An adapter written by a tiny distill run (maps and LoRA), its config and the corpus."""
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    tokens, meta = corpus_tokens(tiny_folder, text_file)
+    cfg = small_config(steps=8, seq_lens=(32,), stage2_steps=3, checkpoint_every=0)
+    path = tmp_path_factory.mktemp("parent") / "parent.lola.safetensors"
+    written = distill(model, tokens, cfg, path, base=base, data_meta=meta)
+    return path, cfg, written, tokens, meta
+
+
+def continued_config(parent_path, **overrides) -> DistillConfig:
+    """Stage 2 only, under other runtime settings than the parent's: C 16 (not 8), group λ, a half-life."""
+    values = dict(steps=0, stage2_steps=8, stage2_lr=3e-3, chunk=16, sparse=16, selection="group",
+                  state_halflife=48, max_distance=60, stage2_seq_len=96, init_adapter=str(parent_path))
+    values.update(overrides)
+    return small_config(**values)
+
+
+def test_init_adapter_gives_the_same_student_before_any_step(tiny_folder, parent):
+    path, cfg, written, tokens, meta = parent
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    # the parent's own settings: the loss before any step is the one the parent ended with
+    again = distill(model, tokens, small_config(steps=0, seq_lens=(32,), stage2_steps=1, stage2_lr=0.0,
+                                                checkpoint_every=0, init_adapter=str(path)),
+                    path.with_name("again.lola.safetensors"), base=base, data_meta=meta)
+    assert again["eval"]["init_valid_xent"] == written["eval"]["stage2_valid_xent"]
+    # other settings (C, group λ, half-life): the loaded student is the engine running the parent's file
+    cfg2 = continued_config(path)
+    tr = Trainable(model, cfg2, "cpu")
+    lineage = read_init_adapter(path, model, cfg2, base, tr)
+    from safetensors.torch import load_file
+
+    for name, value in load_file(path).items():
+        assert torch.equal(tr.params[name], value)
+    ids = torch.randint(0, model.args.vocab_size, (1, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = student_logits(model, ids, tr, cfg2)[0]
+    engine = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", adapter=str(path), window=16, sparse=16,
+                           selection="group", state_halflife=48, max_distance=60)
+    torch.testing.assert_close(engine.logits(ids[0].tolist()), want, atol=2e-4, rtol=1e-4)
+    assert lineage["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and lineage["lora"]
+    assert lineage["recipe"]["stage2"]["steps"] == 3 and lineage["chunk"] == C
+
+
+def test_stage2_only_run_lowers_the_loss_and_records_its_lineage(tiny_folder, parent, tmp_path):
+    path, _, _, tokens, meta = parent
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    out = tmp_path / "long.lola.safetensors"
+    seen = []
+    result = distill(model, tokens, continued_config(path, stage2_recompute=True, loss_slice=40), out, base=base,
+                     data_meta=meta, on_step=lambda stage, step, planned, loss: seen.append(stage))
+    ev = result["eval"]
+    assert set(seen) == {"stage 2"} and "stage1_valid_mse" not in ev  # stage 1 skipped
+    assert ev["stage2_valid_xent"] < ev["init_valid_xent"]
+    assert out.exists() and not stage1_path(out).exists()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert result["continued_from"]["sha256"] == sha and result["continued_from"]["recipe"]["stage2"]["steps"] == 3
+    two = result["recipe"]["stage2"]
+    assert (two["chunk"], two["sparse"], two["selection"], two["state_halflife"], two["seq_len"]) == \
+        (16, 16, "group", 48, 96)
+    assert two["continued_from_sha256"] == sha and two["steps"] == 8 and two["recompute"]
+    assert result["recipe"]["stage1"]["inherited_from"] == sha and result["recipe"]["stage1"]["steps"] == 8
+    assert result["chunk"] == 16 and result["stage"] == 2
+    engine = lolachat.load(str(tiny_folder), device="cpu", dtype="float32", adapter=str(out), sparse=16,
+                           selection="group", state_halflife=48)
+    assert engine.info.mode == "lola" and engine.info.window == 16
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["lolachat"])["continued_from"]["sha256"] == sha
+    # a continuation of the continuation keeps the chain
+    again = distill(model, tokens, continued_config(out, stage2_steps=1), tmp_path / "again.lola.safetensors",
+                    base=base, data_meta=meta)
+    assert again["continued_from"]["continued_from"]["sha256"] == sha
+
+
+def test_recompute_gives_the_same_loss_and_gradients(tiny_folder):
+    model, _, _ = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.args.vocab_size, (2, 101), generator=g)
+    results = []
+    for recompute in (False, True):
+        cfg = DistillConfig(chunk=C, sparse=12, selection="group", state_halflife=40, max_distance=50,
+                            stage2_recompute=recompute, loss_slice=30)
+        tr = Trainable(model, cfg, "cpu")
+        for name, value in tr.params.items():
+            value.copy_(torch.randn(value.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        lora = tr.stage_params(2)
+        for x in lora:
+            x.requires_grad_(True)
+        loss = student_loss(model, ids, tr, cfg)
+        loss.backward()
+        results.append((loss.detach(), [x.grad.clone() for x in lora]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_init_adapter_that_does_not_fit_is_refused(tiny_folder, parent, tmp_path):
+    path = parent[0]
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+
+    def refused(cfg, match, base=base):
+        with pytest.raises(lolachat.LolachatError, match=match):
+            read_init_adapter(cfg.init_adapter, model, cfg, base, Trainable(model, cfg, "cpu"))
+
+    refused(continued_config(path, lora_rank=4), r"LoRA of rank 8 .*--lora-rank 8 --lora-alpha 16")
+    refused(continued_config(path, feature_dim=4), r"feature dimension F = 16 .*--feature-dim 16")
+    refused(continued_config(path, phi_input="post_rope"), "--phi-input pre_rope")
+    refused(continued_config(path), "base weights", base={**base, "weights_sha256": "0" * 64})
+    refused(continued_config(path, stage2_steps=0, steps=4), "would drop")
+    refused(continued_config(tmp_path / "missing.lola.safetensors"), "does not exist")
+    (tmp_path / "junk.lola.safetensors").write_bytes(b"not an adapter")
+    refused(continued_config(tmp_path / "junk.lola.safetensors"), "cannot continue from")
+
+
+def test_gpu_script_continues_an_adapter_on_cpu(tiny_folder, text_file, parent, tmp_path):
+    """The device command of a stage-2-only continuation, on the CPU with a tiny model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_gpu", ROOT / "scripts" / "distill_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    heldout = tmp_path / "held.txt"
+    heldout.write_text(text_file.read_text()[-20000:])
+    out = tmp_path / "out"
+    code = script.main([
+        "--model", str(tiny_folder), "--data", str(text_file), "--heldout", str(heldout), "--out", str(out),
+        "--device", "cpu", "--budget", "6", "--init-adapter", str(parent[0]), "--stage1-share", "0",
+        "--stage2-share", "0.2", "--window", "16", "--sparse", "16", "--selection", "group", "--state-halflife",
+        "48", "--max-distance", "60", "--stage2-seq-len", "96", "--stage2-batch", "1", "--recompute",
+        "--eval-batches", "1", "--ppl-contexts", "64,256", "--ppl-aligned", "--ppl-windows", "2", "--eval-sparse",
+        "16", "--skip-exact", "--passkey-samples", "0",
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["setting"]: r for r in results["settings"]}
+    assert set(rows) == {"lola λ=16 group half-life 48", "init λ=16 group half-life 48"}
+    for row in rows.values():
+        assert set(row["ppl"]) == {"64", "256"} and row["ppl_ratio"] > 0
+        assert (row["engine"]["window"], row["engine"]["state_halflife"], row["engine"]["sparse"]) == (16, 48, 16)
+    assert "ppl@256 / ppl@64" in (out / "results.md").read_text() and "passkey" not in (out / "results.md").read_text()
+    assert not (out / "smollm2-135m.stage1.lola.safetensors").exists()
+    assert results["training"]["continued_from"]["sha256"] == hashlib.sha256(parent[0].read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------- data and the CLI

@@ -51,6 +51,12 @@ def register(sub) -> None:
                      help="sparse-cache selection in the loop: per query head, or one set per KV-head group")
     two.add_argument("--stage2-mix", choices=["lola", "lolcats"], default="lola")
     two.add_argument("--max-distance", type=int, help="cached-key distance cap (default: half the trained context)")
+    two.add_argument("--state-halflife", type=int, default=0, metavar="TOKENS",
+                     help="the linear state fades in the loop as at inference (0 = never), as the runtime's option")
+    two.add_argument("--recompute", action="store_true",
+                     help="recompute each layer in the backward pass and take the loss in slices (long sequences)")
+    p.add_argument("--init-adapter", metavar="PATH",
+                   help="start from this adapter (maps, window factors, LoRA); with --steps 0, stage 2 only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0 = never)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
@@ -135,7 +141,8 @@ def config_from_args(args, model_args):
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, sparse=args.sparse, selection=args.selection,
         stage2_mix=args.stage2_mix,
         max_distance=args.max_distance or max(1, model_args.max_position // 2), seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, state_halflife=args.state_halflife,
+        stage2_recompute=args.recompute, init_adapter=args.init_adapter,
     )
 
 
@@ -190,11 +197,15 @@ def distill_command(args: argparse.Namespace) -> int:
         print_json({"adapter": str(out), "metadata": meta})
     else:
         ev = meta["eval"]
-        parts = [f"stage 1: {meta['recipe']['stage1']['steps']} steps, valid MSE {ev.get('stage1_valid_mse_init', '—')}"
-                 f" → {ev.get('stage1_valid_mse', '—')}"]
+        parts = []
+        if "continued_from" in meta:
+            parts.append(f"continued from {args.init_adapter} (sha256 {meta['continued_from']['sha256'][:12]})")
+        if "continued_from" not in meta or args.steps:
+            parts.append(f"stage 1: {meta['recipe']['stage1']['steps']} steps, valid MSE "
+                     f"{ev.get('stage1_valid_mse_init', '—')} → {ev.get('stage1_valid_mse', '—')}")
         if "stage2" in meta["recipe"]:
             parts.append(f"stage 2: {meta['recipe']['stage2']['steps']} steps, valid xent "
-                         f"{ev.get('stage1_valid_xent')} → {ev.get('stage2_valid_xent')} "
-                         f"(teacher {ev.get('teacher_valid_xent')})")
+                         f"{ev.get('stage1_valid_xent', ev.get('init_valid_xent', '—'))} → "
+                         f"{ev.get('stage2_valid_xent')} (teacher {ev.get('teacher_valid_xent', '—')})")
         print(f"wrote {out}\n" + "\n".join(parts))
     return 0
