@@ -17,13 +17,16 @@ smollm2-135m.stage1.lola.safetensors, results.json, results.md (the table), trai
 Continuing from an adapter (stage 2 only, e.g. on long sequences under the runtime's settings):
 
     python3 scripts/distill_gpu.py --model M.gguf --data CORPUS.npz --out "$OUT" --budget 300 \
-        --init-adapter models/smollm2-135m.lola.safetensors --stage1-share 0 --stage2-share 0.55 \
+        --init-adapter models/smollm2-135m.lola.safetensors --stage1-share 0 --stage2-share 0.5 \
         --window 256 --sparse 384 --selection group --state-halflife 8192 --stage2-seq-len 16384 \
-        --stage2-batch 1 --recompute --ppl-contexts 4096,32768 --ppl-aligned --eval-sparse 384 --skip-exact
+        --stage2-batch 1 --stage2-lr 2e-4 --recompute --eval-batches 1 --ppl-contexts 4096,32768 --ppl-aligned \
+        --ppl-windows 3 --eval-sparse 384 --skip-exact
 
 `--stage1-share 0` skips stage 1; the evaluation then compares the new adapter with the initial one under the
 same settings (window, λ, selection, half-life), the perplexity windows aligned so that every context length
-scores the same tokens.
+scores the same tokens. Stage 2 memory is linear in the sequence length: without `--recompute` about 170 MiB
+of saved activations per layer per 1K tokens (fp32 attention terms), so 30 layers need ~80 GiB at 16K and
+~160 GiB at 32K; with it, one layer's graph at a time (~10–15 GiB in all at 32K).
 """
 
 from __future__ import annotations

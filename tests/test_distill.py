@@ -409,6 +409,13 @@ def test_distill_command(tiny_folder, text_file, tmp_path, capsys):
                  "--stage2-seq-len", "32", "--stage2-batch", "1", "--sparse", "8", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["adapter"] == str(out) and printed["metadata"]["recipe"]["stage2"]["steps"] == 2
+    longer = tmp_path / "longer.lola.safetensors"
+    assert main(["distill", str(tiny_folder), "--data", str(npz), "--out", str(longer), "--device", "cpu",
+                 "--init-adapter", str(out), "--steps", "0", "--window", "16", "--stage2-steps", "1",
+                 "--stage2-seq-len", "64", "--stage2-batch", "1", "--sparse", "16", "--selection", "group",
+                 "--state-halflife", "64", "--recompute"]) == 0
+    said = capsys.readouterr().out
+    assert f"continued from {out}" in said and "stage 2: 1 steps" in said and "stage 1:" not in said
     assert main(["distill", str(tiny_folder), "--data", str(npz), "--seq-len", "x1"]) == 1
     assert "bad sequence length" in capsys.readouterr().err
     assert main(["distill", str(tiny_folder), "--data", "nonsense-source"]) == 1
