@@ -9,7 +9,8 @@ Fused steps (one launch for attention; score + sort + fold for eviction):
 - `lola_attention`  — one LoLA attention step for a block of queries of one chunk (decode: T = 1).
 - `evict_compete`   — the competing branch of eviction: score, keep top-λ, fold the rest into H, s.
 - `rms_norm`, `add_rms_norm` (residual add + norm), `silu_mul` — the steps between a layer's GEMVs.
-- `assemble_candidates`, `keep_and_shift` — eviction's data movement around `evict_compete`.
+- `assemble_candidates`, `keep_and_shift` — eviction's data movement around `evict_compete`;
+  `compete_and_keep` — `evict_compete` then `keep_and_shift`, the fold and the keep in one launch.
 - `norm_qkv`, `norm_linear`, `linear_add` — decode GEMVs with the norm, the window write, SiLU·mul or
   the residual add fused in (one launch each).
 Building blocks with the reference's signatures: `hedgehog`, `self_recall_error`, `select_keep`,
@@ -111,27 +112,57 @@ def evict_compete(
     group: int = 1,
     store_phi: bool = True,
     score: str = "error",
+    fade: float = 1.0,
 ) -> torch.Tensor:
     """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold), one more for the
-    group maximum when `group` > 1. With `store_phi` the scores also store φ(k) (in a scratch cached per
-    shape) and the fold reads the dropped rows' φ from it; without, the fold recomputes their φ. A `score`
-    other than "error" is computed from the stored φ by the reference's PyTorch ops (on the same device)."""
+    group maximum when `group` > 1; the fade happens inside the scores and the fold. With `store_phi` the
+    scores also store φ(k) (in a scratch cached per shape) and the fold reads the dropped rows' φ from it;
+    without, the fold recomputes their φ. A `score` other than "error" is computed from the stored φ by the
+    reference's PyTorch ops (on the same device)."""
     if not use_triton(cand_v):
         return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
-                                 phi_input, group, score)
-    post_rope = phi_input == "post_rope"
+                                 phi_input, group, score, fade)
     store_phi = store_phi or score != "error"
     phi = triton_eviction.phi_scratch(cand_v.shape[:3], h_state.shape[2], cand_v.device) if store_phi else None
-    scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
-                                           post_rope, phi_out=phi)
-    if score != "error":
-        scores = ref.eviction_scores(phi, cand_v, h_state, s_state, score)
-    keep, drop = select_keep(ref.group_max(scores, group), capacity)
+    keep, drop = _split_by_score(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
+                                 phi_input, group, score, fade, phi)
     if store_phi:
-        triton_eviction.fold_picked(phi, cand_v, drop, h_state, s_state)
+        triton_eviction.fold_picked(phi, cand_v, drop, h_state, s_state, fade=fade)
     else:
-        triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq, post_rope)
+        triton_eviction.fold_keys(cand_k, cand_pos, cand_v, drop, h_state, s_state, phi_weight, inv_freq,
+                                  phi_input == "post_rope", fade=fade)
     return keep
+
+
+def _split_by_score(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq, phi_input, group,
+                    score, fade, phi):
+    """Triton: the candidates' scores against the faded state (their φ into `phi` if given), then (keep, drop)."""
+    scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
+                                           phi_input == "post_rope", phi_out=phi, fade=fade)
+    if score != "error":
+        faded = (h_state, s_state) if fade == 1.0 else (h_state * fade, s_state * fade)
+        scores = ref.eviction_scores(phi, cand_v, *faded, score)
+    return select_keep(ref.group_max(scores, group), capacity)
+
+
+def compete_and_keep(cand: tuple, rows: int, h_state, s_state, phi_weight, capacity: int, inv_freq, phi_input: str,
+                     sparse: tuple, window_k, window_v, next_k=None, next_v=None, group: int = 1,
+                     score: str = "error", fade: float = 1.0) -> None:
+    """Eviction once its candidates are assembled (λ ≥ 1): `evict_compete` on the first `rows` rows of the
+    candidate buffers cand = (cand_k, cand_v, cand_pos), then `keep_and_shift` of the winners into the sparse
+    cache sparse = (sparse_k, sparse_v, sparse_pos), the window shifted and the next chunk appended. Triton:
+    the scores, the top-λ split, then the fold and the keep in one launch (`triton_eviction.fold_and_keep`)."""
+    head = tuple(t[:, :, :rows] for t in cand)
+    if not (use_triton(cand[1]) and cand[0].is_contiguous()):
+        keep = evict_compete(*head, h_state, s_state, phi_weight, capacity, inv_freq, phi_input, group,
+                             score=score, fade=fade)
+        keep_and_shift(*cand, keep, *sparse, window_k, window_v, next_k, next_v)
+        return
+    phi = triton_eviction.phi_scratch(head[1].shape[:3], h_state.shape[2], head[1].device)
+    keep, drop = _split_by_score(*head, h_state, s_state, phi_weight, capacity, inv_freq, phi_input, group, score,
+                                 fade, phi)
+    triton_eviction.fold_and_keep(phi, head[1], drop, h_state, s_state, keep, *cand, *sparse, window_k, window_v,
+                                  next_k, next_v, fade=fade)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -268,8 +268,10 @@ def evict_compete(
     phi_input: str,
     group: int = 1,
     score: str = "error",
+    fade: float = 1.0,
 ) -> torch.Tensor:
-    """The competing branch of eviction (DESIGN §4.4): score, keep the top `capacity`, fold the rest.
+    """The competing branch of eviction (DESIGN §4.4): fade the state by `fade` (`LolaConfig.state_fade`),
+    score, keep the top `capacity`, fold the rest.
 
     cand_k/v [B,H,N,D] (cand_k pre-RoPE) at cand_pos [B,H,N]: the sparse cache followed by the chunk
     leaving the window; phi_weight [H,D,F/2] is the key feature map. h_state/s_state are updated in
@@ -278,6 +280,9 @@ def evict_compete(
     they keep the same pairs: the group selection of `lola.LolaConfig` on per-head buffers. `score` is the
     eviction score (`eviction_scores`).
     """
+    if fade != 1.0:
+        h_state.mul_(fade)
+        s_state.mul_(fade)
     x = rope_rotate(cand_k, cand_pos, inv_freq) if phi_input == "post_rope" else cand_k
     phi_k = hedgehog(x, phi_weight)
     scores = group_max(eviction_scores(phi_k, cand_v, h_state, s_state, score), group)

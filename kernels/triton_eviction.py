@@ -31,6 +31,7 @@ from .triton_common import (
     rotate,
     trig_mode,
 )
+from .triton_moves import check_keep_and_shift, keep_shift_block
 
 
 @triton.jit
@@ -79,7 +80,7 @@ def _hedgehog_kernel(x_ptr, w_ptr, out_ptr, sx_b, sx_h, sx_t, n_rows, n_heads, d
 
 @triton.jit
 def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr, out_ptr, phi_out_ptr,
-                   n_rows, n_heads, d: tl.constexpr, f_half: tl.constexpr,
+                   n_rows, n_heads, fade, d: tl.constexpr, f_half: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, ACT: tl.constexpr,
                    POST_ROPE: tl.constexpr, TRIG: tl.constexpr, STORE_PHI: tl.constexpr):
@@ -104,20 +105,18 @@ def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr
     state = pid_bh * 2 * f_half
     num, den = linear_readout(phi_a, phi_b, h_ptr + state * d, s_ptr + state, f_half, d, BLOCK_FH, BLOCK_D)
     v = load_rows(v_ptr + head_rows * d, n, d, n_valid, d, BLOCK_D)
-    err = v - num / (den + RECALL_EPS)[:, None]
+    err = v - (num * fade) / (den * fade + RECALL_EPS)[:, None]
     tl.store(out_ptr + head_rows + n, tl.sqrt(tl.sum(err * err, axis=1)), mask=n_valid)
 
 
 @triton.jit
-def _fold_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, invf_ptr,
-                 n_rows, n_picked, n_heads, d: tl.constexpr, f_half: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, PICKED: tl.constexpr, ACT: tl.constexpr,
-                 POST_ROPE: tl.constexpr, TRIG: tl.constexpr):
-    """Fold rows into H[:, D-slice] and (D-slice 0 only) s: rows idx[...] if PICKED, else all n_picked rows;
-    their φ from the keys (FROM_KEYS) or read from phi."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+def _fold_tile(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, invf_ptr,
+               n_rows, n_picked, n_heads, fade, pid_bh, pid_d, d: tl.constexpr, f_half: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, PICKED: tl.constexpr, ACT: tl.constexpr,
+               POST_ROPE: tl.constexpr, TRIG: tl.constexpr):
+    """Fold rows into H[:, D-slice] and (D-slice 0 only) s, after fading them: H <- fade·H + Σ φvᵀ. The rows
+    are idx[...] if PICKED, else all n_picked rows; their φ from the keys (FROM_KEYS) or read from phi."""
     h = pid_bh % n_heads
     head_rows = pid_bh * n_rows
     cols = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -154,14 +153,46 @@ def _fold_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, i
     state = pid_bh * 2 * f_half
     h_tile = h_ptr + (state + f[:, None]) * d + cols[None, :]
     mask = f_valid[:, None] & col_valid[None, :]
-    tl.store(h_tile, tl.load(h_tile, mask=mask) + acc_a, mask=mask)
+    tl.store(h_tile, fade * tl.load(h_tile, mask=mask) + acc_a, mask=mask)
     h_tile += f_half * d
-    tl.store(h_tile, tl.load(h_tile, mask=mask) + acc_b, mask=mask)
+    tl.store(h_tile, fade * tl.load(h_tile, mask=mask) + acc_b, mask=mask)
     if pid_d == 0:
         s_row = s_ptr + state + f
-        tl.store(s_row, tl.load(s_row, mask=f_valid) + sum_a, mask=f_valid)
+        tl.store(s_row, fade * tl.load(s_row, mask=f_valid) + sum_a, mask=f_valid)
         s_row += f_half
-        tl.store(s_row, tl.load(s_row, mask=f_valid) + sum_b, mask=f_valid)
+        tl.store(s_row, fade * tl.load(s_row, mask=f_valid) + sum_b, mask=f_valid)
+
+
+@triton.jit
+def _fold_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, invf_ptr,
+                 n_rows, n_picked, n_heads, fade, d: tl.constexpr, f_half: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, PICKED: tl.constexpr, ACT: tl.constexpr,
+                 POST_ROPE: tl.constexpr, TRIG: tl.constexpr):
+    _fold_tile(phi_ptr, k_ptr, pos_ptr, v_ptr, idx_ptr, h_ptr, s_ptr, w_ptr, invf_ptr, n_rows, n_picked, n_heads,
+               fade, tl.program_id(0).to(tl.int64), tl.program_id(1), d, f_half, BLOCK_N, BLOCK_DH, BLOCK_DV,
+               BLOCK_FH, FROM_KEYS, PICKED, ACT, POST_ROPE, TRIG)
+
+
+@triton.jit
+def _fold_keep_kernel(phi_ptr, v_ptr, drop_ptr, h_ptr, s_ptr, n_rows, n_dropped, n_heads, fade,
+                      ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, nk_ptr, nv_ptr,
+                      lam, n_cand, chunk, w_len, group, sn_b, sn_h, sn_t, d: tl.constexpr, f_half: tl.constexpr,
+                      FOLD_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_FH: tl.constexpr, KEEP_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HAS_NEXT: tl.constexpr):
+    """`fold_picked` and `keep_and_shift` in one launch: programs [0, FOLD_TILES) of each head fold its
+    dropped rows into H, s; the others copy its kept rows into the sparse cache and shift the window. The
+    two read the candidates and write disjoint buffers."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    if pid < FOLD_TILES:
+        _fold_tile(phi_ptr, v_ptr, v_ptr, v_ptr, drop_ptr, h_ptr, s_ptr, v_ptr, v_ptr, n_rows, n_dropped, n_heads,
+                   fade, pid_bh, pid, d, f_half, BLOCK_N, 16, BLOCK_DV, BLOCK_FH, False, True, 0, False, 0)
+    else:
+        keep_shift_block(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, nk_ptr, nv_ptr,
+                         lam, n_cand, chunk, w_len, n_heads, group, d, sn_b, sn_h, sn_t, pid_bh, pid - FOLD_TILES,
+                         KEEP_BLOCK_N, BLOCK_D, HAS_NEXT)
 
 
 @triton.jit
@@ -274,7 +305,7 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor, block_t: int = 32, out=None)
 
 
 def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out=None, block_n=32,
-            num_warps=4, phi_out=None):
+            num_warps=4, phi_out=None, fade=1.0):
     _check_state(h_state, s_state)
     b, n_heads, n, d = values.shape
     f_half = h_state.shape[2] // 2
@@ -290,7 +321,8 @@ def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, 
         positions.contiguous() if from_keys and post_rope else dummy,
         values, h_state, s_state,
         weight.contiguous() if from_keys else dummy,
-        _inv_freq_arg(inv_freq, values), out, dummy if phi_out is None else phi_out, n, n_heads, d, f_half,
+        _inv_freq_arg(inv_freq, values), out, dummy if phi_out is None else phi_out, n, n_heads, float(fade), d,
+        f_half,
         BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_D=block(d), BLOCK_FH=block(f_half),
         FROM_KEYS=from_keys, ACT=act_code(keys.dtype) if from_keys else 0, POST_ROPE=post_rope,
         TRIG=trig_mode(None), STORE_PHI=phi_out is not None, num_warps=num_warps,
@@ -304,29 +336,30 @@ def self_recall_error(phi_k, values, h_state, s_state, out=None) -> torch.Tensor
 
 
 def recall_scores(keys, positions, values, h_state, s_state, weight, inv_freq=None, post_rope=False, out=None,
-                  phi_out=None):
+                  phi_out=None, fade=1.0):
     """Self-recall error of pre-RoPE keys [B,H,N,D] at positions [B,H,N], φ(k) computed in-kernel.
 
     Equals reference.self_recall_error(reference.hedgehog(k', weight), values, H, s) with k' the keys
     rotated at their positions when post_rope, else the keys themselves. `phi_out`, a contiguous float32
-    [B,H,N,F] tensor, also receives those φ(k') rows (for `fold_picked`).
+    [B,H,N,F] tensor, also receives those φ(k') rows (for `fold_picked`). With `fade` the errors are those
+    against the state faded by it (fade·H, fade·s), which is left as it is.
     """
     if phi_out is not None and (phi_out.dtype != torch.float32 or not phi_out.is_contiguous()
                                 or phi_out.shape != (*values.shape[:3], h_state.shape[2])):
         raise ValueError("phi_out must be a contiguous float32 [B,H,N,F] tensor")
     return _recall(None, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out,
-                   phi_out=phi_out)
+                   phi_out=phi_out, fade=fade)
 
 
 def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope,
-          block_n=64, block_dv=32, num_warps=4):
+          block_n=64, block_dv=32, num_warps=4, fade=1.0):
     _check_state(h_state, s_state)
     b, n_heads, n, d = values.shape
     f_half = h_state.shape[2] // 2
     values = values.contiguous()
     from_keys = phi_k is None
     picked = n if index is None else index.shape[-1]
-    if picked == 0:
+    if picked == 0 and fade == 1.0:
         return
     dummy = values
     block_dv = min(block_dv, block(d))
@@ -339,7 +372,7 @@ def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_f
         dummy if index is None else index.contiguous(),
         h_state, s_state,
         weight.contiguous() if from_keys else dummy,
-        _inv_freq_arg(inv_freq, values), n, picked, n_heads, d, f_half,
+        _inv_freq_arg(inv_freq, values), n, picked, n_heads, float(fade), d, f_half,
         BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_DV=block_dv, BLOCK_FH=block(f_half),
         FROM_KEYS=from_keys, PICKED=index is not None, ACT=act_code(keys.dtype) if from_keys else 0,
         POST_ROPE=post_rope, TRIG=trig_mode(None), num_warps=num_warps,
@@ -391,9 +424,11 @@ def fold(phi_k, values, h_state, s_state) -> None:
 
 
 def fold_keys(keys, positions, values, index, h_state, s_state, weight, inv_freq=None, post_rope=False,
-              block_n: int = 64):
-    """Fold the pairs index [B,H,M] picks out of keys/values [B,H,N,D] into H, s; φ computed in-kernel."""
-    _fold(None, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope, block_n=block_n)
+              block_n: int = 64, fade: float = 1.0):
+    """Fold the pairs index [B,H,M] picks out of keys/values [B,H,N,D] into H, s (faded by `fade` first); φ
+    computed in-kernel."""
+    _fold(None, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope, block_n=block_n,
+          fade=fade)
 
 
 _PHI_SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -408,7 +443,32 @@ def phi_scratch(rows: tuple[int, int, int], features: int, device) -> torch.Tens
     return _PHI_SCRATCH[key]
 
 
-def fold_picked(phi_k, values, index, h_state, s_state, block_n: int = 64) -> None:
+def fold_picked(phi_k, values, index, h_state, s_state, block_n: int = 64, fade: float = 1.0) -> None:
     """Fold the pairs index [B,H,M] picks out of φ(k) [B,H,N,F] (as `recall_scores` stores them) and values
-    [B,H,N,D] into H, s."""
-    _fold(phi_k, None, None, values, index, h_state, s_state, None, None, False, block_n=block_n)
+    [B,H,N,D] into H, s (faded by `fade` first)."""
+    _fold(phi_k, None, None, values, index, h_state, s_state, None, None, False, block_n=block_n, fade=fade)
+
+
+def fold_and_keep(phi_k, values, drop, h_state, s_state, keep, cand_k, cand_v, cand_pos, sparse_k, sparse_v,
+                  sparse_pos, window_k, window_v, next_k=None, next_v=None, fade: float = 1.0,
+                  block_n: int = 64, block_dv: int = 32, keep_block_n: int = 64) -> None:
+    """`fold_picked(phi_k, values, drop, h_state, s_state, fade=fade)` and `triton_moves.keep_and_shift(cand_k,
+    cand_v, cand_pos, keep, sparse_k, ..., next_v)` in one launch (eviction's last step: λ ≥ 1)."""
+    _check_state(h_state, s_state)
+    strides = check_keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k,
+                                   window_v, next_k, next_v)
+    b, n_heads, n, d = values.shape
+    lam = sparse_k.shape[2]
+    f_half = h_state.shape[2] // 2
+    block_dv = min(block_dv, block(d))
+    fold_tiles = triton.cdiv(d, block_dv)
+    has_next = next_k is not None
+    grid = (b * n_heads, fold_tiles + triton.cdiv(lam, keep_block_n))
+    _fold_keep_kernel[grid](
+        phi_k.float().contiguous(), values.contiguous(), drop.contiguous(), h_state, s_state, n, drop.shape[-1],
+        n_heads, float(fade), cand_k, cand_v, cand_pos, keep.contiguous(), sparse_k, sparse_v, sparse_pos,
+        window_k, window_v, next_k if has_next else window_k, next_v if has_next else window_v, lam,
+        cand_k.shape[2], window_k.shape[2] // 2, window_k.shape[2], n_heads // window_k.shape[1], *strides, d, f_half,
+        FOLD_TILES=fold_tiles, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_FH=block(f_half), KEEP_BLOCK_N=keep_block_n,
+        BLOCK_D=triton.next_power_of_2(d), HAS_NEXT=has_next, num_warps=4,
+    )

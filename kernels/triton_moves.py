@@ -55,8 +55,17 @@ def _assemble_kernel(sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, start_ptr, ck_ptr, 
 def _keep_shift_kernel(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, nk_ptr, nv_ptr,
                        lam, n_cand, chunk, w_len, n_heads, group, d, sn_b, sn_h, sn_t,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEXT: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    block_id = tl.program_id(1)
+    keep_shift_block(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, nk_ptr, nv_ptr,
+                     lam, n_cand, chunk, w_len, n_heads, group, d, sn_b, sn_h, sn_t, tl.program_id(0).to(tl.int64),
+                     tl.program_id(1), BLOCK_N, BLOCK_D, HAS_NEXT)
+
+
+@triton.jit
+def keep_shift_block(ck_ptr, cv_ptr, cp_ptr, keep_ptr, sk_ptr, sv_ptr, sp_ptr, wk_ptr, wv_ptr, nk_ptr, nv_ptr,
+                     lam, n_cand, chunk, w_len, n_heads, group, d, sn_b, sn_h, sn_t, bh, block_id,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NEXT: tl.constexpr):
+    """Rows [block_id·BLOCK_N, +BLOCK_N) of head bh's sparse cache <- its kept candidates; block 0 of the first
+    query head of each KV group also shifts that KV head's window (and appends the next chunk)."""
     rows = block_id * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < d
@@ -107,21 +116,31 @@ def assemble_candidates(sparse_k, sparse_v, sparse_pos, n_sparse: int, window_k,
                            BLOCK_D=triton.next_power_of_2(d))
 
 
+def check_keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v,
+                         next_k, next_v) -> tuple[int, int, int]:
+    """Refuse buffers the keep-and-shift step cannot take; the next chunk's (batch, head, row) strides."""
+    _contiguous(cand_k, cand_v, cand_pos, sparse_k, sparse_v, sparse_pos, window_k, window_v)
+    b, _, lam, d = sparse_k.shape
+    if lam == 0:
+        raise ValueError("keep_and_shift needs a sparse cache (λ ≥ 1)")
+    if next_k is None:
+        return 0, 0, 0
+    if (next_k.shape != (b, window_k.shape[1], window_k.shape[2] // 2, d) or next_k.stride() != next_v.stride()
+            or next_k.stride(-1) != 1):
+        raise ValueError("next_k, next_v must be [B,Hkv,C,D] with the same strides and contiguous rows")
+    return next_k.stride()[:3]
+
+
 def keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v,
                    next_k=None, next_v=None, block_n: int = 64) -> None:
     """Triton version of `reference.keep_and_shift` (needs λ ≥ 1). next_k, next_v [B,Hkv,C,D] may be strided
     views (of a block's projections) if their last dimension is contiguous and both share strides."""
-    _contiguous(cand_k, cand_v, cand_pos, sparse_k, sparse_v, sparse_pos, window_k, window_v)
+    strides = check_keep_and_shift(cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k,
+                                   window_v, next_k, next_v)
     keep = keep.contiguous()
     b, n_heads, lam, d = sparse_k.shape
-    if lam == 0:
-        raise ValueError("keep_and_shift needs a sparse cache (λ ≥ 1)")
     chunk = window_k.shape[2] // 2
     has_next = next_k is not None
-    if has_next and (next_k.shape != (b, window_k.shape[1], chunk, d) or next_k.stride() != next_v.stride()
-                     or next_k.stride(-1) != 1):
-        raise ValueError("next_k, next_v must be [B,Hkv,C,D] with the same strides and contiguous rows")
-    strides = next_k.stride()[:3] if has_next else (0, 0, 0)
     grid = (b * n_heads, triton.cdiv(lam, block_n))
     _keep_shift_kernel[grid](cand_k, cand_v, cand_pos, keep, sparse_k, sparse_v, sparse_pos, window_k, window_v,
                              next_k if has_next else window_k, next_v if has_next else window_v,

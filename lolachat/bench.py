@@ -582,10 +582,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
 def _warm_up(runners: dict, vocab: int, device: torch.device, cfg: BenchConfig, log) -> None:
     """Compile kernels and capture graphs outside the timings: a prompt long enough to reach the steady
-    state (sparse cache full) plus a block, and enough decode steps to evict once."""
+    state (sparse cache full) plus a block and the smaller blocks of a prompt's tail, and enough decode steps
+    to evict once."""
+    from lolachat.gpu import PREFILL_BLOCK, SMALLER_BLOCKS
+
     c, lam = cfg.chunk, cfg.sparse
     if device.type == "cuda":
-        n = (lam // c + 3) * c + 1024 + 7
+        n = (lam // c + 3) * c + PREFILL_BLOCK + sum(SMALLER_BLOCKS) * c + 7
         steps = c + 2
     else:
         n, steps = 2 * c + 3, 2

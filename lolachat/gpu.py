@@ -24,6 +24,7 @@ by the same rule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -32,11 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from lolachat.kernels import ops
-from lolachat.lola import LolaConfig, fade_state
+from lolachat.lola import LolaConfig
 from lolachat.model import Llama, ModelMemory
 from lolachat.sampling import SamplingOptions
 
 PREFILL_BLOCK = 1024  # tokens per prefill forward (eager) and per block graph (rounded to chunks)
+SMALLER_BLOCKS = (4, 1)  # chunks per block graph for a prompt's last whole chunks (below a full block)
 ProgressFn = Callable[[int, int], None]
 
 
@@ -182,7 +184,7 @@ class StaticMemory(ModelMemory):
         self.temperature = torch.ones(1, dtype=torch.float32, device=device)
         self.top_p = torch.ones(1, dtype=torch.float32, device=device)
         self.generator = None if device.type == "cuda" else torch.Generator(device=device)
-        self.block_tokens: torch.Tensor | None = None
+        self.block_tokens: dict[int, torch.Tensor] = {}  # chunks per block -> that block graph's token input
         self.graphs: dict = {}
         self.graph_errors: list = []
 
@@ -250,6 +252,9 @@ class StaticDecoder:
         c = self.cfg.chunk
         self.block_chunks = max(1, PREFILL_BLOCK // c)
         self.block_len = self.block_chunks * c
+        # Block graphs of these many chunks, largest first: a prompt's tail of whole chunks runs in graphs too.
+        self.block_sizes = sorted({self.block_chunks, *(k for k in SMALLER_BLOCKS if k < self.block_chunks)},
+                                  reverse=True)
         self.arange_block = torch.arange(self.block_chunks, device=self.device) * c
         self.block_body_eager = False  # run the block body without a graph (CPU tests of the graph path)
 
@@ -327,15 +332,15 @@ class StaticDecoder:
             m = n + c
             ops.assemble_candidates(layer.sparse_k_buf, layer.sparse_v_buf, layer.sparse_pos_buf, n, layer.window_k,
                                     layer.window_v, start, layer.cand_k, layer.cand_v, layer.cand_pos)
-            cand_k, cand_v, cand_pos = layer.cand_k[:, :, :m], layer.cand_v[:, :, :m], layer.cand_pos[:, :, :m]
-            fade_state(layer.h, layer.s, self.cfg)
-            keep = ops.evict_compete(cand_k, cand_v, cand_pos, layer.h, layer.s, self.phi_k[i], lam,
-                                     self.inv_freq, self.cfg.phi_input, group=layer.group, score=self.cfg.score)
-            if lam:  # keep the winners, shift the window and append the next chunk in one step
-                ops.keep_and_shift(layer.cand_k, layer.cand_v, layer.cand_pos, keep, layer.sparse_k_buf,
-                                   layer.sparse_v_buf, layer.sparse_pos_buf, layer.window_k, layer.window_v,
-                                   *(next_kv or (None, None)))
+            cand = layer.cand_k, layer.cand_v, layer.cand_pos
+            if lam:  # compete; keep the winners, shift the window and append the next chunk
+                ops.compete_and_keep(cand, m, layer.h, layer.s, self.phi_k[i], lam, self.inv_freq, self.cfg.phi_input,
+                                     (layer.sparse_k_buf, layer.sparse_v_buf, layer.sparse_pos_buf), layer.window_k,
+                                     layer.window_v, *(next_kv or (None, None)), group=layer.group,
+                                     score=self.cfg.score, fade=self.cfg.state_fade())
                 return m - lam
+            ops.evict_compete(*(t[:, :, :m] for t in cand), layer.h, layer.s, self.phi_k[i], lam, self.inv_freq,
+                              self.cfg.phi_input, fade=self.cfg.state_fade())  # λ = 0: every pair folds
             folded = m
         layer.window_k[:, :, :c].copy_(layer.window_k[:, :, c:])
         layer.window_v[:, :, :c].copy_(layer.window_v[:, :, c:])
@@ -434,15 +439,14 @@ class StaticDecoder:
         cand = heads("cand_k"), heads("cand_v"), heads("cand_pos")
         h_state, s_state = heads("h"), heads("s")
         ops.assemble_candidates(*sparse, lam, window_k, window_v, mem.window_start, *cand)
-        fade_state(h_state, s_state, self.cfg)
         keep = ops.evict_compete(*cand, h_state, s_state, self.phi_k_stacked, lam, self.inv_freq, self.cfg.phi_input,
-                                 group=mem.layers[0].group, store_phi=False)
+                                 group=mem.layers[0].group, store_phi=False, fade=self.cfg.state_fade())
         ops.keep_and_shift(*cand, keep, *sparse, window_k, window_v)
 
-    def _block_body(self, mem: StaticMemory) -> None:
-        """A block of whole chunks from the steady state: every layer, every chunk, every eviction."""
-        c, kc = self.cfg.chunk, self.block_chunks
-        starts = mem.window_start + self.arange_block  # window start while chunk j is current [K]
+    def _block_body(self, mem: StaticMemory, kc: int) -> None:
+        """A block of kc whole chunks from the steady state: every layer, every chunk, every eviction."""
+        c = self.cfg.chunk
+        starts = mem.window_start + self.arange_block[:kc]  # window start while chunk j is current [K]
         q_positions = starts.unsqueeze(1) + c + self.arange_c  # [K, C]
 
         def attend(i, q, k, v):
@@ -457,7 +461,7 @@ class StaticDecoder:
                 self._evict(mem, i, self.cfg.sparse, start, (k[:, :, after], v[:, :, after]) if j + 1 < kc else None)
             return y
 
-        h = self._layers(self.model.model.embed_tokens(mem.block_tokens), attend)
+        h = self._layers(self.model.model.embed_tokens(mem.block_tokens[kc]), attend)
         mem.logits.copy_(self._head(h[:, -1:])[:, -1])
         mem.window_start.add_(kc * c)
         mem.q_pos.add_(kc * c)
@@ -540,15 +544,16 @@ class StaticDecoder:
         use_blocks = self.graphs or self.block_body_eager
         while done < total:
             left = total - done
-            if use_blocks and left >= self.block_len and mem.steady():
-                if mem.block_tokens is None:
-                    mem.block_tokens = torch.zeros(mem.batch, self.block_len, dtype=torch.long, device=self.device)
-                mem.block_tokens.copy_(tokens[:, done : done + self.block_len])
+            kc = next((k for k in self.block_sizes if k * self.cfg.chunk <= left), None)
+            if use_blocks and kc and mem.steady():
+                n = kc * self.cfg.chunk
+                if kc not in mem.block_tokens:
+                    mem.block_tokens[kc] = torch.zeros(mem.batch, n, dtype=torch.long, device=self.device)
+                mem.block_tokens[kc].copy_(tokens[:, done : done + n])
                 mem.sync_counters()
-                self._run(mem, "block", lambda: self._block_body(mem))
-                self._block_host(mem)
+                self._run(mem, ("block", kc), functools.partial(self._block_body, mem, kc))
+                self._block_host(mem, kc)
                 logits = mem.logits[0]
-                n = self.block_len
             else:
                 n = min(left, PREFILL_BLOCK)
                 if use_blocks and not mem.steady():  # stop at the next chunk boundary: steady may start there
@@ -559,8 +564,8 @@ class StaticDecoder:
                 progress(done, total)
         return logits.clone()
 
-    def _block_host(self, mem: StaticMemory) -> None:
-        c, kc = self.cfg.chunk, self.block_chunks
+    def _block_host(self, mem: StaticMemory, kc: int) -> None:
+        c = self.cfg.chunk
         for layer in mem.layers:
             layer.window_start += kc * c
             layer.folded += kc * c

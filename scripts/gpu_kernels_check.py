@@ -204,6 +204,12 @@ def check_eviction(ref, ops, te, results):
             err = max(rel_err(got_args["h_state"], want_args["h_state"]),
                       rel_err(got_args["s_state"], want_args["s_state"]))
             record(results, name + f" evict_compete (keep identical: {same})", err if same else float("nan"), 1e-4)
+            want_args, got_args = layer.eviction_args(phi_input), layer.eviction_args(phi_input)
+            same = torch.equal(ops.evict_compete(**got_args, fade=0.9), ref.evict_compete(**want_args, fade=0.9))
+            err = max(rel_err(got_args["h_state"], want_args["h_state"]),
+                      rel_err(got_args["s_state"], want_args["s_state"]))
+            record(results, name + f" evict_compete fade 0.9 (keep identical: {same})", err if same else math.nan,
+                   1e-4)
             tied = (want_scores * 8).floor()  # few distinct values: ties must go to the earlier candidate
             keep_want, drop_want = ref.select_keep(tied, a["capacity"])
             keep, drop = te.select_keep(tied, a["capacity"])

@@ -48,13 +48,21 @@ def reference_run(model, ids, prompt, steps):
     return torch.cat(out), tokens_, mem
 
 
-def block_decoder(model, monkeypatch):
-    """A static decoder running its block body eagerly, and the positions at which that body ran."""
+def block_decoder(model, monkeypatch, sizes=None):
+    """A static decoder running its block body eagerly, and the positions at which that body ran (with the
+    block's number of chunks, where `sizes` is given: a list to append them to)."""
     dec = StaticDecoder(model, graphs=False)
     dec.block_body_eager = True
     blocks = []
     body = dec._block_body
-    monkeypatch.setattr(dec, "_block_body", lambda mem: (blocks.append(mem.position), body(mem)))
+
+    def recorded(mem, kc):
+        blocks.append(mem.position)
+        if sizes is not None:
+            sizes.append(kc)
+        body(mem, kc)
+
+    monkeypatch.setattr(dec, "_block_body", recorded)
     return dec, blocks
 
 
@@ -106,14 +114,34 @@ def test_block_graph_body_matches_cpu_engine(sparse, cap, small_blocks, monkeypa
     assert list(dec.generate(mem, logits, 30, GREEDY)) == want_tokens
 
 
-def test_block_body_through_the_triton_kernels_matches_cpu_engine(small_blocks, monkeypatch):
+def test_prompt_tail_runs_in_smaller_blocks(small_blocks, monkeypatch):
+    """After the full blocks, a prompt's last whole chunks run in one-chunk blocks (their own graphs on the
+    GPU), and only the partial chunk at the end eagerly: the same logits and tokens as the CPU engine."""
+    _, ref, mine = pair(16)
+    steady = 3 * CHUNK  # λ = 16: two chunks fill the sparse cache, the third is the window's previous chunk
+    prompt = steady + 4 * CHUNK + 2 * CHUNK + 3
+    ids = tokens(97, prompt + 20, seed=11)
+    want, want_tokens, _ = reference_run(ref, ids, prompt, 20)
+    sizes = []
+    dec, blocks = block_decoder(mine, monkeypatch, sizes)
+    assert dec.block_sizes == [4, 1]
+    mem = dec.new_memory()
+    logits = dec.prefill(mem, ids[0, :prompt].tolist())
+    assert (blocks, sizes) == ([steady, steady + 4 * CHUNK, steady + 5 * CHUNK], [4, 1, 1])
+    torch.testing.assert_close(logits, want[prompt - 1], atol=2e-5, rtol=1e-4)
+    assert list(dec.generate(mem, logits, 20, GREEDY)) == want_tokens
+
+
+@pytest.mark.parametrize("halflife", [0, 20])
+def test_block_body_through_the_triton_kernels_matches_cpu_engine(halflife, small_blocks, monkeypatch):
     """The same steady-state blocks with every op on its Triton kernel (interpreted on the CPU): attention,
     eviction, its data movement and the norms, as the GPU runs them; then decode steps through the fused
     GEMVs (norm + q/k/v + window write, o + residual, norm + gate/up + SiLU, down + residual, norm + head),
-    the greedy argmax kernel, and one eviction of all layers at once (`_evict_all_layers`)."""
+    the greedy argmax kernel, and one eviction of all layers at once (`_evict_all_layers`). With a half-life
+    the state fades inside the eviction kernels."""
     pytest.importorskip("triton")
     monkeypatch.setenv("LOLACHAT_TRITON", "1")
-    _, ref, mine = pair(16)
+    _, ref, mine = pair(16, state_halflife=halflife)
     ids = tokens(97, 120, seed=5)
     steps = 2 * CHUNK - 4  # from a chunk boundary + 4 tokens: one steady eviction in decode
     want, want_tokens, _ = reference_run(ref, ids, 100, steps)

@@ -357,6 +357,50 @@ def test_evict_compete_other_scores(score):
     assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
 
 
+@pytest.mark.parametrize("store_phi", [True, False], ids=["phi-stored", "phi-from-keys"])
+@pytest.mark.parametrize("score", ["error", "others"])
+def test_evict_compete_fades_inside_the_kernels(store_phi, score):
+    """A fading state (`fade` < 1): the Triton path scores against fade·(H, s) and folds into it without a
+    launch of its own, and keeps what the reference keeps after fading in place."""
+    b, h, d, f, capacity, c, group, fade = 1, 4, 16, 32, 24, 8, 2, 0.8
+    draw = Draw(57)
+    n = capacity + c
+    keys, values = draw.normal(b, h, n, d), draw.normal(b, h, n, d)
+    positions = torch.arange(n, device=DEVICE).expand(b, h, n)
+    weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
+    h0, s0 = state(draw, b, h, f, d)
+    s0 = s0 * 1e-6  # φ(k)ᵀs near ε: the fade moves the scores' ε term, and with it the ranking
+    h_want, s_want = h0.clone(), s0.clone()
+    keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, "pre_rope", group,
+                                  score, fade)
+    unfaded = ref.evict_compete(keys, values, positions, h0.clone(), s0.clone(), weight, capacity, freqs, "pre_rope",
+                                group, score)
+    assert rel_err(h_want, h0) > 0.1  # the fade did act
+    args = (keys, values, positions)
+    os.environ["LOLACHAT_TRITON"] = "1"
+    try:
+        h_got, s_got = h0.clone(), s0.clone()
+        keep_got = ops.evict_compete(*args, h_got, s_got, weight, capacity, freqs, "pre_rope", group, store_phi, score,
+                                     fade)
+    finally:
+        del os.environ["LOLACHAT_TRITON"]
+    assert torch.equal(keep_got, keep_want)
+    assert rel_err(h_got, h_want) < 1e-5 and rel_err(s_got, s_want) < 1e-5
+    if score == "error":
+        assert not torch.equal(keep_want, unfaded)  # so the faded scores were the ones ranked
+
+
+def test_fold_with_nothing_picked_still_fades():
+    b, h, d, f = 1, 2, 16, 32
+    draw = Draw(58)
+    values = draw.normal(b, h, 5, d)
+    h_state, s_state = state(draw, b, h, f, d)
+    h_want, s_want = h_state * 0.5, s_state * 0.5
+    nothing = torch.zeros(b, h, 0, dtype=torch.long, device=DEVICE)
+    triton_eviction.fold_picked(torch.zeros(b, h, 5, f, device=DEVICE), values, nothing, h_state, s_state, fade=0.5)
+    assert torch.equal(h_state, h_want) and torch.equal(s_state, s_want)
+
+
 @pytest.mark.parametrize(("capacity", "c"), [(12, 8), (768, 64)])  # 20 / 832 candidates
 def test_evict_compete_group_selection(capacity, c):
     """Group selection: each pair of query heads ranks by the pair's larger error and keeps the same set."""
@@ -439,6 +483,37 @@ def test_keep_and_shift(case):
     for got, exp in zip(list(sparse) + list(window), want_sparse + want_window):
         assert torch.equal(got, exp)
     assert torch.equal(window[0][:, :, c:], next_k) and torch.equal(window[1][:, :, c:], next_v)
+
+
+@pytest.mark.parametrize("case", MOVE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("with_next", [False, True])
+def test_compete_and_keep(case, with_next):
+    """Eviction after assembly in one call: the Triton path (scores, split, then the fold and the keep in one
+    launch) against the reference's evict_compete + keep_and_shift, on the first n + C candidate rows (a cache
+    not yet full uses fewer rows than the buffers hold) with a fading state."""
+    b, h, hkv, d, lam, c, n, dtype = case
+    f, fade = 32, 0.9
+    draw = Draw(sum(case[:7]) + 2)
+    sparse, window, cand = move_buffers(case, draw)
+    ref.assemble_candidates(*sparse, n, *window, 1000, *cand)
+    weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
+    h0, s0 = state(draw, b, h, f, d)
+    proj = draw.normal(2, b, 3 * c, hkv, d, dtype=dtype)
+    nxt = tuple(x.transpose(1, 2)[:, :, c : 2 * c] for x in proj) if with_next else (None, None)
+    want = [t.clone() for t in (h0, s0, *sparse, *window)]
+    keep = ref.evict_compete(*(t[:, :, : n + c] for t in cand), want[0], want[1], weight, lam, freqs, "post_rope",
+                             group=h // hkv, fade=fade)
+    ref.keep_and_shift(*cand, keep, *want[2:5], *want[5:], *nxt)
+    got = [t.clone() for t in (h0, s0, *sparse, *window)]
+    os.environ["LOLACHAT_TRITON"] = "1"
+    try:
+        ops.compete_and_keep(cand, n + c, got[0], got[1], weight, lam, freqs, "post_rope", tuple(got[2:5]), *got[5:],
+                             *nxt, group=h // hkv, fade=fade)
+    finally:
+        del os.environ["LOLACHAT_TRITON"]
+    assert rel_err(got[0], want[0]) < TOL[dtype] and rel_err(got[1], want[1]) < TOL[dtype]
+    for g, w in zip(got[2:], want[2:]):  # the same pairs kept, the same window
+        assert torch.equal(g, w)
 
 
 # ---------------------------------------------------------------- norms and SiLU between the GEMVs
