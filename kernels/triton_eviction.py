@@ -9,7 +9,9 @@
   (the dropped ones): in `fold_keys` φ of those keys computed on the fly, in `fold_picked` read from
   the φ rows `recall_scores` stored (`phi_out`), which spares eviction a second φ (reference: `reference.fold`).
 Each fold program owns one (batch, head) and a slice of D columns of H, so the sums need no atomics
-and are deterministic.
+and are deterministic. The fold also fades the state when asked (H <- fade·H + Σ φvᵀ), and the scores read it
+faded, so a half-life costs no launch.
+- `fold_and_keep`: `fold_picked` and `triton_moves.keep_and_shift` as one launch (disjoint outputs).
 """
 
 from __future__ import annotations
