@@ -31,27 +31,36 @@ from gpu_engine_check import _ensure_kernels  # noqa: E402
 _ensure_kernels()
 
 
+def random_engine(shape: str, device: torch.device):
+    """A bf16 engine on random weights of `shape`, LoLA C=64, λ=256 as `lolachat bench`; its static decoder
+    with CUDA graphs on."""
+    from lolachat import bench
+    from lolachat.engine import Engine, EngineInfo
+
+    model = bench.random_model(shape, device, torch.bfloat16)
+    cfg = bench.attach_identity(model, chunk=64, sparse=256)
+    info = EngineInfo(model=shape, source="random", weights_sha256="", mode="lola", device=str(device),
+                      dtype="bfloat16", window=cfg.chunk, sparse=cfg.sparse, mix=cfg.mix,
+                      max_distance=cfg.max_distance, phi_input=cfg.phi_input)
+    engine = Engine(model, None, info, stop_ids=[])
+    decoder = engine.static_decoder()
+    decoder.graphs = True
+    return engine, decoder
+
+
 def build(shape: str, device: torch.device, patch_vec: bool | None):
     """An engine + memory after a 2K prompt, its decode graph captured with the attention in the given form."""
     from lolachat.kernels import triton_attention
 
     from lolachat import bench
-    from lolachat.engine import Engine, EngineInfo
 
     original = triton_attention.lola_attention
     if patch_vec is not None:
         triton_attention.lola_attention = functools.partial(original, vec=patch_vec)
     try:
-        model = bench.random_model(shape, device, torch.bfloat16)
-        cfg = bench.attach_identity(model, chunk=64, sparse=256)
-        info = EngineInfo(model=shape, source="random", weights_sha256="", mode="lola", device=str(device),
-                          dtype="bfloat16", window=cfg.chunk, sparse=cfg.sparse, mix=cfg.mix,
-                          max_distance=cfg.max_distance, phi_input=cfg.phi_input)
-        engine = Engine(model, None, info, stop_ids=[])
-        decoder = engine.static_decoder()
-        decoder.graphs = True
+        engine, decoder = random_engine(shape, device)
         mem = engine.new_memory()
-        logits = engine.prefill(mem, bench.random_ids(2048, model.args.vocab_size))
+        logits = engine.prefill(mem, bench.random_ids(2048, engine.model.args.vocab_size))
         decoder.run_steps(mem, logits, 8)  # captures the decode (and eviction) graphs under the patch
         return engine, decoder, mem, logits
     finally:

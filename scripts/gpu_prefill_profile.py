@@ -25,21 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_engine_check import _ensure_kernels  # noqa: E402
 
 _ensure_kernels()
-
-
-def build(shape: str, device: torch.device):
-    from lolachat import bench
-    from lolachat.engine import Engine, EngineInfo
-
-    model = bench.random_model(shape, device, torch.bfloat16)
-    cfg = bench.attach_identity(model, chunk=64, sparse=256)
-    info = EngineInfo(model=shape, source="random", weights_sha256="", mode="lola", device=str(device),
-                      dtype="bfloat16", window=cfg.chunk, sparse=cfg.sparse, mix=cfg.mix,
-                      max_distance=cfg.max_distance, phi_input=cfg.phi_input)
-    engine = Engine(model, None, info, stop_ids=[])
-    decoder = engine.static_decoder()
-    decoder.graphs = True
-    return engine, decoder, model.args.vocab_size
+from gpu_decode_profile import random_engine  # noqa: E402
 
 
 def profile_blocks(fn, blocks: int) -> dict:
@@ -74,7 +60,8 @@ def main() -> int:
     from lolachat import bench
 
     device = torch.device("cuda")
-    engine, decoder, vocab = build(args.shape, device)
+    engine, decoder = random_engine(args.shape, device)
+    vocab = engine.model.args.vocab_size
     mem = engine.new_memory()
     engine.prefill(mem, bench.random_ids(2048, vocab))
     ids = bench.random_ids(args.tokens, vocab)
