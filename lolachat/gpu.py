@@ -8,7 +8,8 @@ embedding, every layer through `ops.lola_attention`, logits and the choice of th
 static shapes and is captured in one CUDA graph whose replay feeds the token it produced last time.
 Eviction (once per C tokens) is its own graph once the sparse cache is full; the first evictions,
 which append, run eagerly. Prefill runs chunk by chunk: eagerly until the memory reaches that steady
-state, then whole blocks of chunks (projections, attention, eviction of every layer) as one graph.
+state, then whole blocks of chunks (projections, attention, eviction of every layer) as one graph: 1,024
+tokens' worth, and for a prompt's last whole chunks blocks of 4 and 1 chunks (`SMALLER_BLOCKS`).
 
 The same code runs on the CPU with the PyTorch reference ops and no capture (`graphs=False`): the
 tests check it against the CPU engine (`LolaAttention`). Exact attention on a GPU stays on the eager
