@@ -336,17 +336,27 @@ def test_init_adapter_that_does_not_fit_is_refused(tiny_folder, parent, tmp_path
     refused(continued_config(tmp_path / "junk.lola.safetensors"), "cannot continue from")
 
 
-def test_gpu_script_continues_an_adapter_on_cpu(tiny_folder, text_file, parent, tmp_path):
-    """The device command of a stage-2-only continuation, on the CPU with a tiny model."""
+def distill_script():
+    """scripts/distill_gpu.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("distill_gpu", ROOT / "scripts" / "distill_gpu.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def heldout_and_out(text_file: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A held-out text (the tail of the corpus file) and an output folder for the script."""
     heldout = tmp_path / "held.txt"
     heldout.write_text(text_file.read_text()[-20000:])
-    out = tmp_path / "out"
-    code = script.main([
+    return heldout, tmp_path / "out"
+
+
+def test_gpu_script_continues_an_adapter_on_cpu(tiny_folder, text_file, parent, tmp_path):
+    """The device command of a stage-2-only continuation, on the CPU with a tiny model."""
+    heldout, out = heldout_and_out(text_file, tmp_path)
+    code = distill_script().main([
         "--model", str(tiny_folder), "--data", str(text_file), "--heldout", str(heldout), "--out", str(out),
         "--device", "cpu", "--budget", "6", "--init-adapter", str(parent[0]), "--stage1-share", "0",
         "--stage2-share", "0.2", "--window", "16", "--sparse", "16", "--selection", "group", "--state-halflife",
@@ -424,16 +434,8 @@ def test_distill_command(tiny_folder, text_file, tmp_path, capsys):
 
 def test_gpu_script_runs_end_to_end_on_cpu(tiny_folder, text_file, tmp_path):
     """scripts/distill_gpu.py, the H200 recipe, on the CPU with a tiny model: the same code path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("distill_gpu", Path(__file__).parent.parent / "scripts" /
-                                                  "distill_gpu.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    heldout = tmp_path / "held.txt"
-    heldout.write_text(text_file.read_text()[-20000:])
-    out = tmp_path / "out"
-    code = script.main([
+    heldout, out = heldout_and_out(text_file, tmp_path)
+    code = distill_script().main([
         "--model", str(tiny_folder), "--data", str(text_file), "--heldout", str(heldout), "--out", str(out),
         "--device", "cpu", "--budget", "10", "--stage1-share", "0.15", "--stage2-share", "0.1",
         "--window", "16", "--seq-len", "32,64", "--batch", "2", "--stage2-seq-len", "32", "--stage2-batch", "1",
