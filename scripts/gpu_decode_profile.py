@@ -75,6 +75,20 @@ def rate(fn, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def kernel_times(prof) -> tuple[int, float, float, list[tuple[str, list[float]]]]:
+    """The CUDA kernels of a torch.profiler run: how many, their summed durations (busy, µs), the GPU span from
+    the first start to the last end (µs), and each name's durations, largest total first."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        by_name[e.name].append(e.time_range.elapsed_us())
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
+    return len(kernels), busy, span, sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+
+
 def profile_steps(decoder, mem, logits, steps: int) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -84,16 +98,11 @@ def profile_steps(decoder, mem, logits, steps: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         decoder.run_steps(mem, logits, steps)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     host = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.name == "cudaGraphLaunch"]
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for e in kernels:
-        by_name[e.name].append(e.time_range.elapsed_us())
-    busy = sum(e.time_range.elapsed_us() for e in kernels)
-    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    count, busy, span, by_name = kernel_times(prof)
+    top = by_name[:20]
     return {
-        "steps": steps, "kernels_per_step": len(kernels) / steps, "busy_us_per_step": busy / steps,
+        "steps": steps, "kernels_per_step": count / steps, "busy_us_per_step": busy / steps,
         "span_us_per_step": span / steps, "gap_us_per_step": (span - busy) / steps,
         "graph_launch_host_us": (sum(e.time_range.elapsed_us() for e in host) / len(host)) if host else None,
         "top": [{"name": name[:90], "calls_per_step": len(d) / steps, "us_per_step": sum(d) / steps,

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -25,25 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_engine_check import _ensure_kernels  # noqa: E402
 
 _ensure_kernels()
-from gpu_decode_profile import random_engine  # noqa: E402
+from gpu_decode_profile import kernel_times, random_engine  # noqa: E402
 
 
 def profile_blocks(fn, blocks: int) -> dict:
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for e in kernels:
-        by_name[e.name].append(e.time_range.elapsed_us())
-    busy = sum(e.time_range.elapsed_us() for e in kernels)
-    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]
-    return {"blocks": blocks, "kernels_per_block": len(kernels) / blocks, "busy_us_per_block": busy / blocks,
+    count, busy, span, by_name = kernel_times(prof)
+    top = by_name[:16]
+    return {"blocks": blocks, "kernels_per_block": count / blocks, "busy_us_per_block": busy / blocks,
             "span_us_per_block": span / blocks,
             "top": [{"name": name[:80], "calls_per_block": len(d) / blocks, "us_per_block": sum(d) / blocks,
                      "us_per_call": sum(d) / len(d)} for name, d in top]}

@@ -14,6 +14,17 @@ def tokens(vocab, n, seed=5):
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def fed_in_odd_steps(model, mem, ids):
+    """Feed ids [1, ≥200] into mem in uneven pieces that cross chunk boundaries every way; yield the number of
+    tokens fed after each piece."""
+    fed = 0
+    with torch.no_grad():
+        for step in (3, 1, 17, 8, 1, 1, 40, 64, 65):
+            model(ids[:, fed : fed + step], mem)
+            fed += step
+            yield fed
+
+
 @pytest.mark.parametrize("sparse", [0, 16, N + 4])
 @pytest.mark.parametrize("mix", ["lola", "lolcats"])
 @pytest.mark.parametrize("split", [N, 19])
@@ -50,21 +61,17 @@ def test_every_token_in_exactly_one_store_and_size_bounded(sparse):
     mem = model.new_memory()
     ids = tokens(hf.config.vocab_size, 200)
     sizes = {}
-    fed = 0
-    with torch.no_grad():
-        for step in [3, 1, 17, 8, 1, 1, 40, 64, 65]:
-            model(ids[:, fed : fed + step], mem)
-            fed += step
-            for layer in mem.layers:
-                assert layer.tokens() == fed
-                assert layer.window_len <= 2 * c and layer.sparse_len <= sparse
-                # positions are disjoint and cover 0..fed-1 except folded ones
-                window = set(range(layer.window_start, layer.window_start + layer.window_len))
-                for head in range(layer.sparse_pos.shape[1]):
-                    cached = set(layer.sparse_pos[0, head].tolist())
-                    assert not (cached & window) and len(cached) == layer.sparse_len
-                    assert max(cached, default=-1) < layer.window_start
-            sizes[fed] = sum(sum(layer.nbytes().values()) for layer in mem.layers)
+    for fed in fed_in_odd_steps(model, mem, ids):
+        for layer in mem.layers:
+            assert layer.tokens() == fed
+            assert layer.window_len <= 2 * c and layer.sparse_len <= sparse
+            # positions are disjoint and cover 0..fed-1 except folded ones
+            window = set(range(layer.window_start, layer.window_start + layer.window_len))
+            for head in range(layer.sparse_pos.shape[1]):
+                cached = set(layer.sparse_pos[0, head].tolist())
+                assert not (cached & window) and len(cached) == layer.sparse_len
+                assert max(cached, default=-1) < layer.window_start
+        sizes[fed] = sum(sum(layer.nbytes().values()) for layer in mem.layers)
     settled = [size for n, size in sizes.items() if n >= sparse + 2 * c]
     assert settled and len(set(settled)) == 1
 

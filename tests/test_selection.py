@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from lolachat.kernels import reference as ref
-from test_lola_memory import tokens
+from test_lola_memory import fed_in_odd_steps, tokens
 from tiny import hf_config, hf_model, our_model, random_adapters
 from tiny_chat_model import build
 
@@ -62,14 +62,11 @@ def test_every_token_in_exactly_one_store_and_size_bounded(selection, sinks, spa
     model = variant_model(hf, sparse, selection, sinks, mix)
     mem = model.new_memory()
     ids = tokens(hf.config.vocab_size, 200)
-    sizes, fed = {}, 0
-    with torch.no_grad():
-        for step in [3, 1, 17, 8, 1, 1, 40, 64, 65]:
-            model(ids[:, fed : fed + step], mem)
-            fed += step
-            for layer in mem.layers:
-                check_stores(layer, fed, sparse, sinks, selection)
-            sizes[fed] = sum(sum(layer.nbytes().values()) for layer in mem.layers)
+    sizes = {}
+    for fed in fed_in_odd_steps(model, mem, ids):
+        for layer in mem.layers:
+            check_stores(layer, fed, sparse, sinks, selection)
+        sizes[fed] = sum(sum(layer.nbytes().values()) for layer in mem.layers)
     settled = [size for n, size in sizes.items() if n >= sinks + sparse + 2 * C]
     assert settled and len(set(settled)) == 1
 

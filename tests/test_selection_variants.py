@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from lolachat.kernels import reference as ref
-from test_lola_memory import tokens
+from test_lola_memory import fed_in_odd_steps, tokens
 from test_selection import HEADS, KV_HEADS, C, check_stores, evictions, feed, gqa_model
 from test_selection import one_layer as selection_layer
 from tiny import our_model, random_adapters
@@ -92,13 +92,9 @@ def test_every_token_in_exactly_one_store(score, selection, sinks, sparse):
     model = score_model(hf, sparse, selection, sinks, score)
     mem = model.new_memory()
     ids = tokens(hf.config.vocab_size, 200)
-    fed = 0
-    with torch.no_grad():
-        for step in [3, 1, 17, 8, 1, 1, 40, 64, 65]:
-            model(ids[:, fed : fed + step], mem)
-            fed += step
-            for layer in mem.layers:
-                check_stores(layer, fed, sparse, sinks, selection)
+    for fed in fed_in_odd_steps(model, mem, ids):
+        for layer in mem.layers:
+            check_stores(layer, fed, sparse, sinks, selection)
 
 
 def one_layer(selection: str, sinks: int, score: str, sparse: int = 5, chunk: int = 4, seed: int = 0):
