@@ -31,7 +31,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -83,6 +83,9 @@ class DistillConfig:
     stage2_recompute: bool = False  # keep only each layer's input for backward; loss in slices (long sequences)
     loss_slice: int = 4096  # tokens per slice of the loss with stage2_recompute
     init_adapter: str | None = None  # start from this adapter's maps, window factors and LoRA (a file)
+    # other memories stage 2 takes turns with, step by step, after (chunk, sparse, selection): "C:λ:selection"
+    stage2_memories: tuple[str, ...] = ()
+    stage2_factor_lr: float = 0.0  # > 0: stage 2 also trains the window factors, at this rate
     # both
     lr_final_ratio: float = 0.1  # cosine decay to this share of the peak rate
     grad_clip: float = 1.0
@@ -107,6 +110,33 @@ class DistillConfig:
             raise BadInput("sequence lengths must be at least 2 tokens")
         if self.state_halflife < 0 or self.loss_slice < 1:
             raise BadInput("the state half-life must be >= 0 and the loss slice >= 1")
+        if self.stage2_factor_lr < 0:
+            raise BadInput("the window factors' stage 2 rate must be >= 0")
+        self.stage2_memories = tuple(self.stage2_memories)
+        self.loop_memories()  # refuses a malformed memory now, not at the first step that uses it
+
+    def loop_memories(self) -> list[tuple[int, int, str]]:
+        """(C, λ, selection) of the memories stage 2 trains under, in turn: this config's own first."""
+        memories = [(self.chunk, self.sparse, self.selection)]
+        for text in self.stage2_memories:
+            parts = text.split(":")
+            try:
+                chunk, sparse, selection = int(parts[0]), int(parts[1]), parts[2]
+            except (IndexError, ValueError):
+                raise BadInput(f"a stage 2 memory is C:λ:selection, e.g. 64:256:head, not {text!r}") from None
+            if len(parts) != 3 or chunk < 1 or sparse < 0 or selection not in ("head", "group"):
+                raise BadInput(f"a stage 2 memory is C:λ:selection with C >= 1, λ >= 0 and selection head or "
+                               f"group, not {text!r}")
+            memories.append((chunk, sparse, selection))
+        return memories
+
+    def loop_memory(self, step: int) -> DistillConfig:
+        """This config under the memory stage 2 trains with at `step` (the memories take turns)."""
+        memories = self.loop_memories()
+        chunk, sparse, selection = memories[step % len(memories)]
+        if (chunk, sparse, selection) == (self.chunk, self.sparse, self.selection):
+            return self
+        return replace(self, chunk=chunk, sparse=sparse, selection=selection, stage2_memories=())
 
     @property
     def lora_scale(self) -> float:
@@ -356,6 +386,9 @@ class Trainable:
         lora = [v for k, v in self.params.items() if ".lora_" in k]
         maps = [v for k, v in self.params.items() if ".lora_" not in k]
         return maps if stage == 1 else lora
+
+    def window_factors(self) -> list[torch.Tensor]:
+        return [v for k, v in self.params.items() if k.endswith(".window_factor")]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = f"layers.{i}.attn."
@@ -615,13 +648,16 @@ class Checkpoint:
 
 
 def run_stage(stage: int, steps: int, seconds: float | None, step_fn: Callable[[int], float],
-              params: list[torch.Tensor], lr: float, cfg: DistillConfig, state: StageState,
+              groups: list[tuple[list[torch.Tensor], float]], cfg: DistillConfig, state: StageState,
               checkpoint: Checkpoint | None, tr: Trainable, states: dict[int, StageState],
               optim_state: dict | None, on_step: StepCallback | None) -> None:
-    """Adam with cosine decay over the planned steps; a time cap shortens the plan once speed is known."""
+    """Adam with cosine decay over the planned steps; a time cap shortens the plan once speed is known.
+    `groups`: (parameters, peak learning rate) pairs."""
+    params = [p for group, _ in groups for p in group]
     for p in params:
         p.requires_grad_(True)
-    optim = torch.optim.Adam(params, lr=lr)
+    optim = torch.optim.Adam([{"params": group, "lr": lr} for group, lr in groups])
+    peaks = [lr for _, lr in groups]
     if optim_state is not None:
         optim.load_state_dict(optim_state)
     if not state.planned:
@@ -631,8 +667,8 @@ def run_stage(stage: int, steps: int, seconds: float | None, step_fn: Callable[[
     log_every = max(1, min(25, steps // 40 or 1))
     timed_from, timed_steps = None, 0
     while state.step < state.planned:
-        for group in optim.param_groups:
-            group["lr"] = _cosine(state.step, state.planned, lr, cfg.lr_final_ratio)
+        for group, peak in zip(optim.param_groups, peaks):
+            group["lr"] = _cosine(state.step, state.planned, peak, cfg.lr_final_ratio)
         optim.zero_grad(set_to_none=True)
         loss = step_fn(state.step)
         if cfg.grad_clip:
@@ -802,7 +838,7 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
             length, batch = stage1_batch(cfg, step, s1.planned)
             return stage1_loss(model, batches.train(1, step, batch, length), tr, cfg)
 
-        run_stage(1, cfg.steps, cfg.seconds, step1, tr.stage_params(1), cfg.lr, cfg, s1, ckpt, tr, states,
+        run_stage(1, cfg.steps, cfg.seconds, step1, [(tr.stage_params(1), cfg.lr)], cfg, s1, ckpt, tr, states,
                   optim_state if not s1.done else None, on_step)
         optim_state = None
     if cfg.steps:
@@ -829,12 +865,15 @@ def distill(model, tokens: np.ndarray, cfg: DistillConfig, out: str | Path, *, b
         if not s2.done:
             def step2(step: int) -> float:
                 batch = batches.train(2, step, cfg.stage2_batch, cfg.stage2_seq_len + 1)
-                loss = student_loss(model, batch, tr, cfg)
+                loss = student_loss(model, batch, tr, cfg.loop_memory(step))
                 loss.backward()
                 return float(loss.detach())
 
-            run_stage(2, cfg.stage2_steps, cfg.stage2_seconds, step2, tr.stage_params(2), cfg.stage2_lr, cfg, s2,
-                      ckpt, tr, states, optim_state, on_step)
+            groups = [(tr.stage_params(2), cfg.stage2_lr)]
+            if cfg.stage2_factor_lr:
+                groups.append((tr.window_factors(), cfg.stage2_factor_lr))
+            run_stage(2, cfg.stage2_steps, cfg.stage2_seconds, step2, groups, cfg, s2, ckpt, tr, states, optim_state,
+                      on_step)
         evals["stage2_valid_xent"], _ = valid_stage2()
         meta = metadata(2)
         save_adapter(tr.adapter(meta, with_lora=True), out)
@@ -886,6 +925,13 @@ def build_metadata(model, cfg: DistillConfig, base: dict, data_meta: dict, state
             "seconds": round(s2.seconds, 1), "chunk": cfg.chunk, "state_halflife": cfg.state_halflife,
             "recompute": cfg.stage2_recompute,
         }
+        if len(cfg.loop_memories()) > 1:
+            recipe["stage2"]["memories"] = [{"chunk": c, "sparse": lam, "selection": sel}
+                                            for c, lam, sel in cfg.loop_memories()]
+            recipe["stage2"]["method"] += "; the memories take turns, one per step"
+        if cfg.stage2_factor_lr:
+            recipe["stage2"]["window_factor_lr"] = cfg.stage2_factor_lr
+            recipe["stage2"]["method"] += "; the window factors train too"
         if lineage:
             recipe["stage2"]["continued_from_sha256"] = lineage["sha256"]
             recipe["stage2"]["method"] += (f"; continued from {lineage['file']} (sha256 {lineage['sha256'][:12]}…, "

@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recompute", action="store_true",
                    help="stage 2 keeps only each layer's input for backward and takes the loss in slices")
     p.add_argument("--init-adapter", help="start from this adapter (its maps, window factors and LoRA)")
+    p.add_argument("--stage2-memories", default="",
+                   help="more stage 2 memories, taking turns with --window/--sparse/--selection: C:λ:SEL,...")
+    p.add_argument("--stage2-factor-lr", type=float, default=0.0, help="> 0: stage 2 trains the window factors too")
     p.add_argument("--stage1-share", type=float, default=0.42, help="0 = no stage 1")
     p.add_argument("--stage2-share", type=float, default=0.22)
     p.add_argument("--eval-batches", type=int, default=2, help="held-out batches for the losses before/after")
@@ -107,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passkey-depths", default="0.1,0.5,0.9")
     p.add_argument("--passkey-samples", type=int, default=3, help="per cell (cut evenly if time runs out); 0 = none")
     p.add_argument("--eval-sparse", default="0,256", help="λ values evaluated with the final adapter")
+    p.add_argument("--eval-memories", default="",
+                   help="other memories (C:λ:SEL,...) evaluated with the final and the initial adapter")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -129,6 +134,7 @@ def main(argv=None) -> int:
     bootstrap()
     import torch
 
+    from lolachat.commands.distill import split_list
     from lolachat.commands.evaluate import parse_depths, parse_lengths
     from lolachat.distill import DistillConfig, distill, stage1_path
     from lolachat.distill_data import training_corpus
@@ -164,6 +170,7 @@ def main(argv=None) -> int:
         stage2_seconds=args.stage2_share * args.budget, sparse=args.sparse, selection=args.selection,
         max_distance=args.max_distance, state_halflife=args.state_halflife, stage2_recompute=args.recompute,
         init_adapter=args.init_adapter, seed=args.seed, checkpoint_every=0, eval_batches=args.eval_batches,
+        stage2_memories=split_list(args.stage2_memories), stage2_factor_lr=args.stage2_factor_lr,
     )
     # the plans are time-bound; give the cosine schedule a horizon the time cap will shorten
     cfg.steps = 20_000 if args.stage1_share > 0 else 0
@@ -195,31 +202,37 @@ def main(argv=None) -> int:
             f"({two['seconds'] / max(1, two['steps']):.2f} s per step)")
 
     # -- evaluate -----------------------------------------------------------------------------------
-    settings = [] if args.skip_exact else [("exact", None, None)]
+    settings = [] if args.skip_exact else [("exact", None, None)]  # (label, adapter, (C, λ, selection))
     eval_sparse = [int(x) for x in args.eval_sparse.split(",") if x.strip()]
     variant = " group" if args.selection == "group" else ""
     variant += f" half-life {args.state_halflife}" if args.state_halflife else ""
-    settings += [(f"lola λ={lam}{variant}", adapter_path, lam) for lam in eval_sparse]
+    own = [(args.window, lam, args.selection) for lam in eval_sparse]
+    settings += [(f"lola λ={lam}{variant}", adapter_path, (c, lam, sel)) for c, lam, sel in own]
     if stage1_path(adapter_path).exists():
-        settings += [(f"stage 1 only λ={max(eval_sparse)}{variant}", stage1_path(adapter_path), max(eval_sparse))]
+        settings += [(f"stage 1 only λ={max(eval_sparse)}{variant}", stage1_path(adapter_path), own[-1])]
     if args.init_adapter:
-        settings += [(f"init λ={max(eval_sparse)}{variant}", Path(args.init_adapter), max(eval_sparse))]
+        settings += [(f"init λ={max(eval_sparse)}{variant}", Path(args.init_adapter), own[-1])]
+    for c, lam, sel in DistillConfig(stage2_memories=split_list(args.eval_memories)).loop_memories()[1:]:
+        label = f"C={c} λ={lam} {sel}" + (f" half-life {args.state_halflife}" if args.state_halflife else "")
+        settings += [(f"lola {label}", adapter_path, (c, lam, sel))]
+        if args.init_adapter:
+            settings += [(f"init {label}", Path(args.init_adapter), (c, lam, sel))]
     results: dict = {"settings": [], "training": meta}
     text = heldout.read_text(encoding="utf-8") if heldout.exists() else ""
     ids = factory.tokenizer.encode(text, add_special_tokens=False) if text else []
     contexts = parse_lengths(args.ppl_contexts, "context")
     lengths = parse_lengths(args.passkey_lengths)
     depths = parse_depths(args.passkey_depths)
-    for i, (label, adapter, lam) in enumerate(settings):
+    for i, (label, adapter, memory) in enumerate(settings):
         engine = None
         if time.monotonic() > started + args.hard_limit - 30:
             results["settings"].append({"setting": label, "error": "skipped: out of time"})
             log(f"{label}: skipped, out of time")
             continue
         try:
-            engine = factory.build(adapter, sparse=lam or 0, max_distance=args.max_distance,
-                                   selection=args.selection, window=args.window if adapter else None,
-                                   state_halflife=args.state_halflife if adapter else 0)
+            window, lam, selection = memory or (None, 0, args.selection)
+            engine = factory.build(adapter, sparse=lam, max_distance=args.max_distance, selection=selection,
+                                   window=window, state_halflife=args.state_halflife if adapter else 0)
             row: dict = {"setting": label, "engine": engine.describe(), "ppl": {}, "passkey": None}
             align = max(contexts) if args.ppl_aligned else None
             for context in contexts:

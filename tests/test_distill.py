@@ -29,6 +29,7 @@ from lolachat.distill import (
     student_loss,
 )
 from lolachat.distill_data import collect, load_corpus, prepare, save_corpus
+from lolachat.errors import BadInput
 from lolachat.lola import LayerAdapter, LolaAttention, LolaConfig, LolaLayerMemory, Rope
 
 B, H, HKV, D, HALF, C = 2, 4, 2, 8, 6, 8
@@ -296,6 +297,54 @@ def test_stage2_only_run_lowers_the_loss_and_records_its_lineage(tiny_folder, pa
     assert again["continued_from"]["continued_from"]["sha256"] == sha
 
 
+def test_stage2_memories_take_turns_and_malformed_ones_are_refused():
+    cfg = small_config(stage2_memories=("16:8:group", "4:0:head"))
+    turns = [cfg.loop_memory(step) for step in range(4)]
+    assert [(m.chunk, m.sparse, m.selection) for m in turns] == [(C, 16, "head"), (16, 8, "group"), (4, 0, "head"),
+                                                                  (C, 16, "head")]
+    assert turns[0] is cfg
+    for bad in ("16:8", "16:x:head", "16:8:both", "0:8:head", "16:-1:head", "16:8:head:1"):
+        with pytest.raises(BadInput):
+            small_config(stage2_memories=(bad,))
+
+
+def test_stage2_trains_the_window_factors_under_each_memory_only_when_asked(tiny_folder, parent, tmp_path,
+                                                                            monkeypatch):
+    from safetensors.torch import load_file
+
+    import lolachat.distill as distill_module
+
+    path, _, _, tokens, meta = parent
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    trained_under = []
+
+    def recorded_loss(model, batch, tr, cfg):
+        if torch.is_grad_enabled():  # a training step, not the held-out evaluation
+            trained_under.append((cfg.chunk, cfg.sparse, cfg.selection))
+        return student_loss(model, batch, tr, cfg)
+
+    monkeypatch.setattr(distill_module, "student_loss", recorded_loss)
+
+    def factors(adapter_path):
+        return {k: v for k, v in load_file(adapter_path).items() if k.endswith("window_factor")}
+
+    memories = dict(stage2_steps=4, stage2_memories=("8:24:head",))
+    kept = distill(model, tokens, continued_config(path, **memories), tmp_path / "kept.lola.safetensors", base=base,
+                   data_meta=meta)
+    assert trained_under == [(16, 16, "group"), (8, 24, "head")] * 2
+    assert all(torch.equal(value, factors(path)[name]) for name, value in factors(tmp_path / "kept.lola.safetensors")
+               .items())
+    assert kept["recipe"]["stage2"]["memories"] == [{"chunk": 16, "sparse": 16, "selection": "group"},
+                                                    {"chunk": 8, "sparse": 24, "selection": "head"}]
+    assert "window_factor_lr" not in kept["recipe"]["stage2"]
+    trained = distill(model, tokens, continued_config(path, stage2_factor_lr=0.05, **memories),
+                      tmp_path / "trained.lola.safetensors", base=base, data_meta=meta)
+    moved = [float((value - factors(path)[name]).abs().max())
+             for name, value in factors(tmp_path / "trained.lola.safetensors").items()]
+    assert min(moved) > 1e-3  # every layer's factors moved
+    assert trained["recipe"]["stage2"]["window_factor_lr"] == 0.05
+
+
 def test_recompute_gives_the_same_loss_and_gradients(tiny_folder):
     model, _, _ = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(4)
@@ -362,15 +411,21 @@ def test_gpu_script_continues_an_adapter_on_cpu(tiny_folder, text_file, parent, 
         "--stage2-share", "0.2", "--window", "16", "--sparse", "16", "--selection", "group", "--state-halflife",
         "48", "--max-distance", "60", "--stage2-seq-len", "96", "--stage2-batch", "1", "--recompute",
         "--eval-batches", "1", "--ppl-contexts", "64,256", "--ppl-aligned", "--ppl-windows", "2", "--eval-sparse",
-        "16", "--skip-exact", "--passkey-samples", "0",
+        "16", "--skip-exact", "--passkey-samples", "0", "--stage2-memories", "8:24:head", "--stage2-factor-lr",
+        "0.01", "--eval-memories", "8:24:head",
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     rows = {r["setting"]: r for r in results["settings"]}
-    assert set(rows) == {"lola λ=16 group half-life 48", "init λ=16 group half-life 48"}
-    for row in rows.values():
+    own, other = "λ=16 group half-life 48", "C=8 λ=24 head half-life 48"
+    assert set(rows) == {f"lola {own}", f"init {own}", f"lola {other}", f"init {other}"}
+    for label, row in rows.items():
         assert set(row["ppl"]) == {"64", "256"} and row["ppl_ratio"] > 0
-        assert (row["engine"]["window"], row["engine"]["state_halflife"], row["engine"]["sparse"]) == (16, 48, 16)
+        memory = (16, 16, "group") if own in label else (8, 24, "head")
+        assert (row["engine"]["window"], row["engine"]["sparse"], row["engine"]["selection"]) == memory
+        assert row["engine"]["state_halflife"] == 48
+    two = results["training"]["recipe"]["stage2"]
+    assert two["window_factor_lr"] == 0.01 and len(two["memories"]) == 2
     assert "ppl@256 / ppl@64" in (out / "results.md").read_text() and "passkey" not in (out / "results.md").read_text()
     assert not (out / "smollm2-135m.stage1.lola.safetensors").exists()
     assert results["training"]["continued_from"]["sha256"] == hashlib.sha256(parent[0].read_bytes()).hexdigest()

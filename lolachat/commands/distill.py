@@ -55,6 +55,11 @@ def register(sub) -> None:
                      help="the linear state fades in the loop as at inference (0 = never), as the runtime's option")
     two.add_argument("--recompute", action="store_true",
                      help="recompute each layer in the backward pass and take the loss in slices (long sequences)")
+    two.add_argument("--stage2-memories", default="", metavar="C:λ:SEL,...",
+                     help="more memories to train under, taking turns with --window/--sparse/--selection step by "
+                          "step, e.g. 64:256:head,64:1024:head")
+    two.add_argument("--stage2-factor-lr", type=float, default=0.0,
+                     help="also train the window factors in stage 2, at this rate (0 = keep them)")
     p.add_argument("--init-adapter", metavar="PATH",
                    help="start from this adapter (maps, window factors, LoRA); with --steps 0, stage 2 only")
     p.add_argument("--seed", type=int, default=0)
@@ -143,7 +148,12 @@ def config_from_args(args, model_args):
         max_distance=args.max_distance or max(1, model_args.max_position // 2), seed=args.seed,
         checkpoint_every=args.checkpoint_every, state_halflife=args.state_halflife,
         stage2_recompute=args.recompute, init_adapter=args.init_adapter,
+        stage2_memories=split_list(args.stage2_memories), stage2_factor_lr=args.stage2_factor_lr,
     )
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def prepare_data_command(args, tokenizer) -> int:
