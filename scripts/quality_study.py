@@ -52,6 +52,11 @@ SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None i
     "C=256 λ=384 group": {"window": 256, "sparse": 384, "selection": "group"},
     "C=384 λ=128 group half-life 8K": {"window": 384, "sparse": 128, "selection": "group", "state_halflife": 8192},
     "λ=0 half-life 2K": {"sparse": 0, "state_halflife": 2048},
+    # the C = 64 rows under the runtime's half-life (the manifest's C = 256 would apply otherwise)
+    "C=64 λ=0 half-life 8K": {"window": 64, "sparse": 0, "state_halflife": 8192},
+    "C=64 λ=64 half-life 8K": {"window": 64, "sparse": 64, "state_halflife": 8192},
+    "C=64 λ=256 half-life 8K": {"window": 64, "sparse": 256, "state_halflife": 8192},
+    "C=64 λ=1024 half-life 8K": {"window": 64, "sparse": 1024, "state_halflife": 8192},
     # the same with --alt-adapter
     "alt λ=768 group": {"adapter": "alt", "sparse": 768, "selection": "group"},
     "alt λ=768 group half-life 2K": {"adapter": "alt", "sparse": 768, "selection": "group", "state_halflife": 2048},
