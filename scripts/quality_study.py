@@ -30,39 +30,46 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from distill_gpu import bootstrap  # noqa: E402  (imports lolachat from this checkout)
 
-SETTINGS = {  # name -> EngineFactory.build keyword arguments; "adapter": None is the exact teacher
+# name -> EngineFactory.build keyword arguments; "adapter": None is the exact teacher. Every LoLA setting names its
+# window: without one the model manifest's applies (C = 256 for smollm2-135m since docs/quality.md §10).
+SETTINGS = {
     "exact": {"adapter": None},
-    "lola λ=0": {"sparse": 0},
-    "lola λ=64": {"sparse": 64},
-    "lola λ=256": {"sparse": 256},
-    "lola λ=1024": {"sparse": 1024},
+    "lola λ=0": {"window": 64, "sparse": 0},
+    "lola λ=64": {"window": 64, "sparse": 64},
+    "lola λ=256": {"window": 64, "sparse": 256},
+    "lola λ=1024": {"window": 64, "sparse": 1024},
     # selection variants: group λ=3x has the memory of per-head λ=x; sinks run on the eager path (to 8K)
-    "λ=64 group": {"sparse": 64, "selection": "group"},
-    "λ=64 sinks=4": {"sparse": 64, "sinks": 4, "max_length": 8192},
-    "λ=192 group": {"sparse": 192, "selection": "group"},
-    "λ=768 group": {"sparse": 768, "selection": "group"},
+    "λ=64 group": {"window": 64, "sparse": 64, "selection": "group"},
+    "λ=64 sinks=4": {"window": 64, "sparse": 64, "sinks": 4, "max_length": 8192},
+    "λ=192 group": {"window": 64, "sparse": 192, "selection": "group"},
+    "λ=768 group": {"window": 64, "sparse": 768, "selection": "group"},
     # the linear state fading (--state-halflife)
-    "λ=768 group half-life 2K": {"sparse": 768, "selection": "group", "state_halflife": 2048},
-    "λ=768 group half-life 8K": {"sparse": 768, "selection": "group", "state_halflife": 8192},
-    "λ=256 half-life 2K": {"sparse": 256, "state_halflife": 2048},
-    "λ=256 half-life 8K": {"sparse": 256, "state_halflife": 8192},
+    "λ=768 group half-life 2K": {"window": 64, "sparse": 768, "selection": "group", "state_halflife": 2048},
+    "λ=768 group half-life 8K": {"window": 64, "sparse": 768, "selection": "group", "state_halflife": 8192},
+    "λ=256 half-life 2K": {"window": 64, "sparse": 256, "state_halflife": 2048},
+    "λ=256 half-life 8K": {"window": 64, "sparse": 256, "state_halflife": 8192},
     # the default's memory rows per KV head (2C + λ = 896), more of them in the exact window (docs/quality.md §9)
     "C=128 λ=640 group half-life 8K": {"window": 128, "sparse": 640, "selection": "group", "state_halflife": 8192},
     "C=256 λ=384 group half-life 8K": {"window": 256, "sparse": 384, "selection": "group", "state_halflife": 8192},
     "C=256 λ=384 group": {"window": 256, "sparse": 384, "selection": "group"},
     "C=384 λ=128 group half-life 8K": {"window": 384, "sparse": 128, "selection": "group", "state_halflife": 8192},
-    "λ=0 half-life 2K": {"sparse": 0, "state_halflife": 2048},
+    "λ=0 half-life 2K": {"window": 64, "sparse": 0, "state_halflife": 2048},
     # the C = 64 rows under the runtime's half-life (the manifest's C = 256 would apply otherwise)
     "C=64 λ=0 half-life 8K": {"window": 64, "sparse": 0, "state_halflife": 8192},
     "C=64 λ=64 half-life 8K": {"window": 64, "sparse": 64, "state_halflife": 8192},
     "C=64 λ=256 half-life 8K": {"window": 64, "sparse": 256, "state_halflife": 8192},
     "C=64 λ=1024 half-life 8K": {"window": 64, "sparse": 1024, "state_halflife": 8192},
+    # per-head λ under the default's window (docs/quality.md §13)
+    "C=256 λ=256 half-life 8K": {"window": 256, "sparse": 256, "state_halflife": 8192},
+    "C=256 λ=1024": {"window": 256, "sparse": 1024},
     # the same with --alt-adapter
-    "alt λ=768 group": {"adapter": "alt", "sparse": 768, "selection": "group"},
-    "alt λ=768 group half-life 2K": {"adapter": "alt", "sparse": 768, "selection": "group", "state_halflife": 2048},
-    "alt λ=768 group half-life 8K": {"adapter": "alt", "sparse": 768, "selection": "group", "state_halflife": 8192},
-    "alt λ=256": {"adapter": "alt", "sparse": 256},
-    "alt λ=0": {"adapter": "alt", "sparse": 0},
+    "alt λ=768 group": {"window": 64, "adapter": "alt", "sparse": 768, "selection": "group"},
+    "alt λ=768 group half-life 2K": {"window": 64, "adapter": "alt", "sparse": 768, "selection": "group",
+                                      "state_halflife": 2048},
+    "alt λ=768 group half-life 8K": {"window": 64, "adapter": "alt", "sparse": 768, "selection": "group",
+                                      "state_halflife": 8192},
+    "alt λ=256": {"window": 64, "adapter": "alt", "sparse": 256},
+    "alt λ=0": {"window": 64, "adapter": "alt", "sparse": 0},
 }
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
