@@ -476,11 +476,18 @@ def test_distill_command(tiny_folder, text_file, tmp_path, capsys):
     assert printed["adapter"] == str(out) and printed["metadata"]["recipe"]["stage2"]["steps"] == 2
     longer = tmp_path / "longer.lola.safetensors"
     assert main(["distill", str(tiny_folder), "--data", str(npz), "--out", str(longer), "--device", "cpu",
-                 "--init-adapter", str(out), "--steps", "0", "--window", "16", "--stage2-steps", "1",
+                 "--init-adapter", str(out), "--steps", "0", "--window", "16", "--stage2-steps", "2",
                  "--stage2-seq-len", "64", "--stage2-batch", "1", "--sparse", "16", "--selection", "group",
-                 "--state-halflife", "64", "--recompute"]) == 0
-    said = capsys.readouterr().out
-    assert f"continued from {out}" in said and "stage 2: 1 steps" in said and "stage 1:" not in said
+                 "--state-halflife", "64", "--recompute", "--stage2-memories", "8:8:head",
+                 "--stage2-factor-lr", "0.01", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    two = printed["metadata"]["recipe"]["stage2"]
+    assert printed["metadata"]["continued_from"]["file"] == out.name and two["steps"] == 2
+    assert "stage1_valid_mse" not in printed["metadata"]["eval"]  # stage 1 skipped
+    assert two["memories"][1] == {"chunk": 8, "sparse": 8, "selection": "head"} and two["window_factor_lr"] == 0.01
+    assert main(["distill", str(tiny_folder), "--data", str(npz), "--init-adapter", str(out), "--steps", "0",
+                 "--stage2-steps", "1", "--stage2-memories", "8:8"]) == 1
+    assert "a stage 2 memory is C:λ:selection" in capsys.readouterr().err
     assert main(["distill", str(tiny_folder), "--data", str(npz), "--seq-len", "x1"]) == 1
     assert "bad sequence length" in capsys.readouterr().err
     assert main(["distill", str(tiny_folder), "--data", "nonsense-source"]) == 1
