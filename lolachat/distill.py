@@ -53,6 +53,22 @@ StepCallback = Callable[[str, int, int, float], None]  # (stage, step, planned s
 # ------------------------------------------------------------------------------------ configuration
 
 
+def parse_memories(texts: tuple[str, ...] | list[str]) -> list[tuple[int, int, str]]:
+    """(C, λ, selection) of each "C:λ:selection" text, e.g. "64:256:head"; one clear message for a bad one."""
+    memories = []
+    for text in texts:
+        parts = text.split(":")
+        try:
+            chunk, sparse, selection = int(parts[0]), int(parts[1]), parts[2]
+        except (IndexError, ValueError):
+            raise BadInput(f"a stage 2 memory is C:λ:selection, e.g. 64:256:head, not {text!r}") from None
+        if len(parts) != 3 or chunk < 1 or sparse < 0 or selection not in ("head", "group"):
+            raise BadInput(f"a stage 2 memory is C:λ:selection with C >= 1, λ >= 0 and selection head or group, "
+                           f"not {text!r}")
+        memories.append((chunk, sparse, selection))
+    return memories
+
+
 @dataclass
 class DistillConfig:
     # the student (DESIGN §4)
@@ -117,18 +133,7 @@ class DistillConfig:
 
     def loop_memories(self) -> list[tuple[int, int, str]]:
         """(C, λ, selection) of the memories stage 2 trains under, in turn: this config's own first."""
-        memories = [(self.chunk, self.sparse, self.selection)]
-        for text in self.stage2_memories:
-            parts = text.split(":")
-            try:
-                chunk, sparse, selection = int(parts[0]), int(parts[1]), parts[2]
-            except (IndexError, ValueError):
-                raise BadInput(f"a stage 2 memory is C:λ:selection, e.g. 64:256:head, not {text!r}") from None
-            if len(parts) != 3 or chunk < 1 or sparse < 0 or selection not in ("head", "group"):
-                raise BadInput(f"a stage 2 memory is C:λ:selection with C >= 1, λ >= 0 and selection head or "
-                               f"group, not {text!r}")
-            memories.append((chunk, sparse, selection))
-        return memories
+        return [(self.chunk, self.sparse, self.selection), *parse_memories(self.stage2_memories)]
 
     def loop_memory(self, step: int) -> DistillConfig:
         """This config under the memory stage 2 trains with at `step` (the memories take turns)."""

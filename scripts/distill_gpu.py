@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     from lolachat.commands.distill import split_list
     from lolachat.commands.evaluate import parse_depths, parse_lengths
-    from lolachat.distill import DistillConfig, distill, stage1_path
+    from lolachat.distill import DistillConfig, distill, parse_memories, stage1_path
     from lolachat.distill_data import training_corpus
     from lolachat.evals.engines import EngineFactory
     from lolachat.evals.passkey import run_passkey
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         settings += [(f"stage 1 only λ={max(eval_sparse)}{variant}", stage1_path(adapter_path), own[-1])]
     if args.init_adapter:
         settings += [(f"init λ={max(eval_sparse)}{variant}", Path(args.init_adapter), own[-1])]
-    for c, lam, sel in DistillConfig(stage2_memories=split_list(args.eval_memories)).loop_memories()[1:]:
+    for c, lam, sel in parse_memories(split_list(args.eval_memories)):
         label = f"C={c} λ={lam} {sel}" + (f" half-life {args.state_halflife}" if args.state_halflife else "")
         settings += [(f"lola {label}", adapter_path, (c, lam, sel))]
         if args.init_adapter:
