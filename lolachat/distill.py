@@ -53,10 +53,14 @@ StepCallback = Callable[[str, int, int, float], None]  # (stage, step, planned s
 # ------------------------------------------------------------------------------------ configuration
 
 
-def parse_memories(texts: tuple[str, ...] | list[str]) -> list[tuple[int, int, str]]:
-    """(C, λ, selection) of each "C:λ:selection" text, e.g. "64:256:head"; one clear message for a bad one."""
+def parse_memories(texts: str | tuple[str, ...] | list[str]) -> list[tuple[int, int, str]]:
+    """(C, λ, selection) of each "C:λ:selection" text, e.g. "64:256:head" (a string: comma-separated); one
+    clear message for a bad one."""
+    if isinstance(texts, str):
+        texts = [part for part in texts.split(",") if part.strip()]
     memories = []
     for text in texts:
+        text = text.strip()
         parts = text.split(":")
         try:
             chunk, sparse, selection = int(parts[0]), int(parts[1]), parts[2]
@@ -67,6 +71,11 @@ def parse_memories(texts: tuple[str, ...] | list[str]) -> list[tuple[int, int, s
                            f"not {text!r}")
         memories.append((chunk, sparse, selection))
     return memories
+
+
+def memory_names(texts: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The "C:λ:selection" texts of `parse_memories`, checked and normalised."""
+    return tuple(f"{c}:{lam}:{sel}" for c, lam, sel in parse_memories(texts))
 
 
 @dataclass
@@ -128,8 +137,12 @@ class DistillConfig:
             raise BadInput("the state half-life must be >= 0 and the loss slice >= 1")
         if self.stage2_factor_lr < 0:
             raise BadInput("the window factors' stage 2 rate must be >= 0")
-        self.stage2_memories = tuple(self.stage2_memories)
-        self.loop_memories()  # refuses a malformed memory now, not at the first step that uses it
+        self.stage2_memories = memory_names(self.stage2_memories)  # a malformed one is refused here
+        memories = self.loop_memories()
+        if len(set(memories)) != len(memories):
+            raise BadInput("each stage 2 memory once: --stage2-memories repeats one (or --window/--sparse/--selection)")
+        if (self.stage2_memories or self.stage2_factor_lr) and not self.stage2_steps:
+            raise BadInput("stage 2 memories and the window factors' rate need stage 2 steps")
 
     def loop_memories(self) -> list[tuple[int, int, str]]:
         """(C, λ, selection) of the memories stage 2 trains under, in turn: this config's own first."""
@@ -933,7 +946,8 @@ def build_metadata(model, cfg: DistillConfig, base: dict, data_meta: dict, state
         if len(cfg.loop_memories()) > 1:
             recipe["stage2"]["memories"] = [{"chunk": c, "sparse": lam, "selection": sel}
                                             for c, lam, sel in cfg.loop_memories()]
-            recipe["stage2"]["method"] += "; the memories take turns, one per step"
+            recipe["stage2"]["method"] += ("; the memories take turns, one per step (the logged curve mixes them; "
+                                           "the held-out losses use the first)")
         if cfg.stage2_factor_lr:
             recipe["stage2"]["window_factor_lr"] = cfg.stage2_factor_lr
             recipe["stage2"]["method"] += "; the window factors train too"

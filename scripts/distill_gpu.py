@@ -134,14 +134,22 @@ def main(argv=None) -> int:
     bootstrap()
     import torch
 
-    from lolachat.commands.distill import split_list
     from lolachat.commands.evaluate import parse_depths, parse_lengths
     from lolachat.distill import DistillConfig, distill, parse_memories, stage1_path
     from lolachat.distill_data import training_corpus
+    from lolachat.errors import LolachatError
     from lolachat.evals.engines import EngineFactory
     from lolachat.evals.passkey import run_passkey
     from lolachat.evals.ppl import perplexity
 
+    try:  # bad evaluation options fail now, not after the training time is spent
+        eval_sparse = [int(x) for x in args.eval_sparse.split(",") if x.strip()]
+        eval_memories = parse_memories(args.eval_memories)
+        if not eval_sparse:
+            raise ValueError("--eval-sparse needs at least one λ")
+    except (ValueError, LolachatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = Log(out_dir / "train.log")
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
         stage2_seconds=args.stage2_share * args.budget, sparse=args.sparse, selection=args.selection,
         max_distance=args.max_distance, state_halflife=args.state_halflife, stage2_recompute=args.recompute,
         init_adapter=args.init_adapter, seed=args.seed, checkpoint_every=0, eval_batches=args.eval_batches,
-        stage2_memories=split_list(args.stage2_memories), stage2_factor_lr=args.stage2_factor_lr,
+        stage2_memories=args.stage2_memories, stage2_factor_lr=args.stage2_factor_lr,
     )
     # the plans are time-bound; give the cosine schedule a horizon the time cap will shorten
     cfg.steps = 20_000 if args.stage1_share > 0 else 0
@@ -203,16 +211,15 @@ def main(argv=None) -> int:
 
     # -- evaluate -----------------------------------------------------------------------------------
     settings = [] if args.skip_exact else [("exact", None, None)]  # (label, adapter, (C, λ, selection))
-    eval_sparse = [int(x) for x in args.eval_sparse.split(",") if x.strip()]
     variant = " group" if args.selection == "group" else ""
     variant += f" half-life {args.state_halflife}" if args.state_halflife else ""
-    own = [(args.window, lam, args.selection) for lam in eval_sparse]
-    settings += [(f"lola λ={lam}{variant}", adapter_path, (c, lam, sel)) for c, lam, sel in own]
+    settings += [(f"lola λ={lam}{variant}", adapter_path, (args.window, lam, args.selection)) for lam in eval_sparse]
+    top = (args.window, max(eval_sparse), args.selection)
     if stage1_path(adapter_path).exists():
-        settings += [(f"stage 1 only λ={max(eval_sparse)}{variant}", stage1_path(adapter_path), own[-1])]
+        settings += [(f"stage 1 only λ={top[1]}{variant}", stage1_path(adapter_path), top)]
     if args.init_adapter:
-        settings += [(f"init λ={max(eval_sparse)}{variant}", Path(args.init_adapter), own[-1])]
-    for c, lam, sel in parse_memories(split_list(args.eval_memories)):
+        settings += [(f"init λ={top[1]}{variant}", Path(args.init_adapter), top)]
+    for c, lam, sel in eval_memories:
         label = f"C={c} λ={lam} {sel}" + (f" half-life {args.state_halflife}" if args.state_halflife else "")
         settings += [(f"lola {label}", adapter_path, (c, lam, sel))]
         if args.init_adapter:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from distill_gpu import bootstrap  # noqa: E402  (imports lolachat from this checkout)
 
 # name -> EngineFactory.build keyword arguments; "adapter": None is the exact teacher. Every LoLA setting names its
-# window: without one the model manifest's applies (C = 256 for smollm2-135m since docs/quality.md §10).
+# window: without one the adapter's own chunk applies, which for the shipped adapter became 256 in docs/quality.md §12.
 SETTINGS = {
     "exact": {"adapter": None},
     "lola λ=0": {"window": 64, "sparse": 0},

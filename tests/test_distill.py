@@ -209,6 +209,32 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_folder, text_file, tmp
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
 
 
+def test_stage2_in_turns_resumes_to_the_same_adapter(tiny_folder, parent, tmp_path):
+    """Interrupted in stage 2 with two memories and the window factors in a second optimizer group."""
+    path, _, _, tokens, meta = parent
+    model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
+    cfg = continued_config(path, stage2_steps=5, checkpoint_every=2, stage2_memories=("8:24:head",),
+                           stage2_factor_lr=0.05)
+    straight, resumed = tmp_path / "a.lola.safetensors", tmp_path / "b.lola.safetensors"
+    distill(model, tokens, cfg, straight, base=base, data_meta=meta)
+
+    def stop_at_3(stage, step, planned, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(model, tokens, cfg, resumed, base=base, data_meta=meta, on_step=stop_at_3)
+    messages = []
+    distill(model, tokens, cfg, resumed, base=base, data_meta=meta, notice=messages.append)
+    assert any("stage 2 step 2" in m for m in messages)
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight), load_file(resumed)
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+
+
 def test_time_cap_shortens_the_plan(tiny_folder, text_file, tmp_path):
     model, _, base = load_base(str(tiny_folder), torch.device("cpu"), torch.float32)
     tokens, meta = corpus_tokens(tiny_folder, text_file)
@@ -303,9 +329,15 @@ def test_stage2_memories_take_turns_and_malformed_ones_are_refused():
     assert [(m.chunk, m.sparse, m.selection) for m in turns] == [(C, 16, "head"), (16, 8, "group"), (4, 0, "head"),
                                                                   (C, 16, "head")]
     assert turns[0] is cfg
+    assert small_config(stage2_memories=" 16:8:group, 4:0:head").stage2_memories == ("16:8:group", "4:0:head")
     for bad in ("16:8", "16:x:head", "16:8:both", "0:8:head", "16:-1:head", "16:8:head:1"):
-        with pytest.raises(BadInput):
+        with pytest.raises(BadInput, match="C:λ:selection"):
             small_config(stage2_memories=(bad,))
+    for repeated in (("16:8:group", "16:8:group"), (f"{C}:16:head",)):  # the second repeats the config's own
+        with pytest.raises(BadInput, match="once"):
+            small_config(stage2_memories=repeated)
+    with pytest.raises(BadInput, match="need stage 2 steps"):
+        small_config(stage2_steps=0, stage2_factor_lr=0.01)
 
 
 def test_stage2_trains_the_window_factors_under_each_memory_only_when_asked(tiny_folder, parent, tmp_path,
@@ -326,7 +358,9 @@ def test_stage2_trains_the_window_factors_under_each_memory_only_when_asked(tiny
     monkeypatch.setattr(distill_module, "student_loss", recorded_loss)
 
     def factors(adapter_path):
-        return {k: v for k, v in load_file(adapter_path).items() if k.endswith("window_factor")}
+        found = {k: v for k, v in load_file(adapter_path).items() if k.endswith("window_factor")}
+        assert len(found) == model.args.n_layers
+        return found
 
     memories = dict(stage2_steps=4, stage2_memories=("8:24:head",))
     kept = distill(model, tokens, continued_config(path, **memories), tmp_path / "kept.lola.safetensors", base=base,
@@ -485,6 +519,10 @@ def test_distill_command(tiny_folder, text_file, tmp_path, capsys):
     assert printed["metadata"]["continued_from"]["file"] == out.name and two["steps"] == 2
     assert "stage1_valid_mse" not in printed["metadata"]["eval"]  # stage 1 skipped
     assert two["memories"][1] == {"chunk": 8, "sparse": 8, "selection": "head"} and two["window_factor_lr"] == 0.01
+    from safetensors.torch import load_file
+
+    before, after = load_file(out), load_file(longer)  # the factors learn through the recomputed layers
+    assert all(not torch.equal(before[name], after[name]) for name in after if name.endswith("window_factor"))
     assert main(["distill", str(tiny_folder), "--data", str(npz), "--init-adapter", str(out), "--steps", "0",
                  "--stage2-steps", "1", "--stage2-memories", "8:8"]) == 1
     assert "a stage 2 memory is C:λ:selection" in capsys.readouterr().err

@@ -148,12 +148,8 @@ def config_from_args(args, model_args):
         max_distance=args.max_distance or max(1, model_args.max_position // 2), seed=args.seed,
         checkpoint_every=args.checkpoint_every, state_halflife=args.state_halflife,
         stage2_recompute=args.recompute, init_adapter=args.init_adapter,
-        stage2_memories=split_list(args.stage2_memories), stage2_factor_lr=args.stage2_factor_lr,
+        stage2_memories=args.stage2_memories, stage2_factor_lr=args.stage2_factor_lr,
     )
-
-
-def split_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def prepare_data_command(args, tokenizer) -> int:
@@ -181,7 +177,7 @@ def prepare_data_command(args, tokenizer) -> int:
 
 def distill_command(args: argparse.Namespace) -> int:
     from lolachat.commands.evaluate import count_progress
-    from lolachat.distill import distill
+    from lolachat.distill import distill, parse_memories
     from lolachat.distill_data import training_corpus
 
     for name in ("steps", "stage2_steps", "max_tokens"):
@@ -194,6 +190,7 @@ def distill_command(args: argparse.Namespace) -> int:
 
         return prepare_data_command(args, load_tokenizer(store.resolve(args.model).weights))
     parse_seq_lens(args.seq_len)  # bad options fail before the model loads
+    parse_memories(args.stage2_memories)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     model, tokenizer, base = load_base(args.model, device, dtype)
     cfg = config_from_args(args, model.args)
