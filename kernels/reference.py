@@ -256,6 +256,16 @@ def eviction_scores(phi_k: torch.Tensor, values: torch.Tensor, h_state: torch.Te
     return err
 
 
+def age_discount(scores: torch.Tensor, positions: torch.Tensor, halflife: float) -> torch.Tensor:
+    """scores [B,H,N] × 0.5^(age / halflife), age = tokens back from the newest candidate (positions [B,H,N]):
+    an old pair keeps its slot only while its score beats recent ones by the factor its age costs it, as the
+    faded state forgets it (docs/quality.md §13.4). halflife 0 = scores unchanged."""
+    if not halflife:
+        return scores
+    age = positions.amax(dim=-1, keepdim=True) - positions
+    return scores * torch.exp2(-age.float() / halflife)
+
+
 def evict_compete(
     cand_k: torch.Tensor,
     cand_v: torch.Tensor,
@@ -269,6 +279,7 @@ def evict_compete(
     group: int = 1,
     score: str = "error",
     fade: float = 1.0,
+    score_halflife: float = 0,
 ) -> torch.Tensor:
     """The competing branch of eviction (DESIGN §4.4): fade the state by `fade` (`LolaConfig.state_fade`),
     score, keep the top `capacity`, fold the rest.
@@ -278,15 +289,15 @@ def evict_compete(
     place with the dropped pairs. Returns keep [B,H,capacity] (candidate order). With `group` > 1 the
     query heads of each group (whose candidates are the same) rank by the group's largest error, so
     they keep the same pairs: the group selection of `lola.LolaConfig` on per-head buffers. `score` is the
-    eviction score (`eviction_scores`).
+    eviction score (`eviction_scores`), discounted by age with `score_halflife` (`age_discount`).
     """
     if fade != 1.0:
         h_state.mul_(fade)
         s_state.mul_(fade)
     x = rope_rotate(cand_k, cand_pos, inv_freq) if phi_input == "post_rope" else cand_k
     phi_k = hedgehog(x, phi_weight)
-    scores = group_max(eviction_scores(phi_k, cand_v, h_state, s_state, score), group)
-    keep, drop = select_keep(scores, capacity)
+    scores = age_discount(eviction_scores(phi_k, cand_v, h_state, s_state, score), cand_pos, score_halflife)
+    keep, drop = select_keep(group_max(scores, group), capacity)
     fold(gather_tokens(phi_k, drop), gather_tokens(cand_v, drop), h_state, s_state)
     return keep
 

@@ -32,6 +32,7 @@ class LolaConfig:
     sinks: int = 0  # the first `sinks` tokens are never evicted (held exactly, on top of the λ slots)
     state_halflife: int = 0  # tokens after which the linear state's old contents weigh half; 0 = never fade
     score: str = "error"  # eviction score: self-recall "error" (DESIGN §4.4), "relative" or "others" (eviction_scores)
+    score_halflife: int = 0  # eviction scores × 0.5^(age / this), in tokens (reference.age_discount); 0 = off
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -48,6 +49,8 @@ class LolaConfig:
             raise ValueError("sinks must be >= 0")
         if self.state_halflife < 0:
             raise ValueError("state half-life must be >= 0")
+        if self.score_halflife < 0:
+            raise ValueError("score half-life must be >= 0")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
 
@@ -400,7 +403,8 @@ class LolaAttention:
         group = mem.h.shape[1] // cand_k.shape[1]
         k_heads, v_heads, pos_heads = (expand_heads(x, group) for x in (cand_k, cand_v, cand_pos))
         phi_k = self.phi(k_heads, pos_heads, self.adapter.phi_k)
-        scores = eviction_scores(phi_k, v_heads, mem.h, mem.s, self.cfg.score)
+        scores = ref.age_discount(eviction_scores(phi_k, v_heads, mem.h, mem.s, self.cfg.score), pos_heads,
+                                  self.cfg.score_halflife)
         keep, drop = ref.select_keep(ref.group_scores(scores, group), self.cfg.sparse)
         drop = expand_heads(drop, group)
         ref.fold(ref.gather_tokens(phi_k, drop), ref.gather_tokens(v_heads, drop), mem.h, mem.s)

@@ -357,6 +357,42 @@ def test_evict_compete_other_scores(score):
     assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
 
 
+def test_age_discount_halves_a_score_per_halflife():
+    scores = torch.full((1, 2, 3), 8.0)
+    positions = torch.tensor([[0, 100, 200], [50, 250, 150]]).view(1, 2, 3)
+    want = torch.tensor([[2.0, 4.0, 8.0], [2.0, 8.0, 4.0]]).view(1, 2, 3)  # age from each head's newest
+    torch.testing.assert_close(ref.age_discount(scores, positions, 100), want)
+    assert ref.age_discount(scores, positions, 0) is scores
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_evict_compete_discounts_scores_by_age(group):
+    """score_halflife: the Triton path (scores kernel, the discount in PyTorch, the split kernel) keeps what the
+    reference keeps, and the discount changes what is kept, toward newer pairs."""
+    b, h, d, f, capacity, c = 1, 4, 16, 32, 24, 8
+    draw = Draw(93)
+    n = capacity + c
+    keys, values = draw.normal(b, h, n, d), draw.normal(b, h, n, d, scale=0.5) + draw.uniform(b, h, n, 1) * 3
+    positions = (torch.arange(n, device=DEVICE) * 50).expand(b, h, n)  # 0 … 1,550 tokens back
+    weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
+    h_want, s_want = state(draw, b, h, f, d)
+    h_got, s_got = h_want.clone(), s_want.clone()
+    plain = ref.evict_compete(keys, values, positions, h_want.clone(), s_want.clone(), weight, capacity, freqs,
+                              "pre_rope", group)
+    keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, "pre_rope", group,
+                                  score_halflife=400)
+    assert not torch.equal(keep_want, plain)
+    assert keep_want.float().mean() > plain.float().mean()  # candidate order is age order: newer pairs kept
+    os.environ["LOLACHAT_TRITON"] = "1"
+    try:
+        keep_got = ops.evict_compete(keys, values, positions, h_got, s_got, weight, capacity, freqs, "pre_rope", group,
+                                     score_halflife=400)
+    finally:
+        del os.environ["LOLACHAT_TRITON"]
+    assert torch.equal(keep_got, keep_want)
+    assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+
+
 @pytest.mark.parametrize("store_phi", [True, False], ids=["phi-stored", "phi-from-keys"])
 @pytest.mark.parametrize("score", ["error", "others"])
 def test_evict_compete_fades_inside_the_kernels(store_phi, score):

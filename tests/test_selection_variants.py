@@ -203,11 +203,12 @@ def test_eval_cli_passes_score_into_engine_and_json(tmp_path, capsys):
     out = tmp_path / "pk.json"
     code = main(["eval", "passkey", str(folder), "--feature-map", "identity", "--lengths", "300", "--depths", "50%",
                  "--samples", "1", "--max-new-tokens", "3", "--device", "cpu", "--window", "16", "--sparse", "16",
-                 "--score", "others", "--out", str(out)])
+                 "--score", "others", "--score-halflife", "256", "--out", str(out)])
     assert code == 0
-    assert "score others" in capsys.readouterr().out
-    assert json.loads(out.read_text())["engine"]["score"] == "others"
+    assert "score others, score half-life 256" in capsys.readouterr().out
+    engine = json.loads(out.read_text())["engine"]
+    assert engine["score"] == "others" and engine["score_halflife"] == 256
     code = main(["eval", "passkey", str(folder), "--feature-map", "identity", "--lengths", "300", "--depths", "50%",
                  "--samples", "1", "--max-new-tokens", "3", "--device", "cpu", "--window", "16", "--sparse", "16",
                  "--out", str(out)])
-    assert code == 0 and "score" not in json.loads(out.read_text())["engine"]
+    assert code == 0 and not {"score", "score_halflife"} & set(json.loads(out.read_text())["engine"])

@@ -60,6 +60,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "error (default, DESIGN §4.4), 'relative' (error / value norm) or 'others' (error "
                              "against the state with every other candidate folded in; docs/runs/"
                              "l256-2k-diagnosis.md)")
+    parser.add_argument("--score-halflife", type=int, default=0, metavar="TOKENS",
+                        help="eviction scores fade with age to half over this many tokens, so stale pairs give "
+                             "their slots to recent ones (experimental, docs/quality.md §13.4; default 0 = off)")
     add_engine_options(parser)
 
 
@@ -135,11 +138,14 @@ def _engine(args):
     if args.mode == "lola" and engine.info.mode == "exact":
         raise BadInput(f"{engine.info.model} has no LoLA adapter: pass --adapter FILE, --feature-map identity, "
                        "or --mode exact")
-    score = getattr(args, "score", "error")
-    if score != "error":
+    score, score_halflife = getattr(args, "score", "error"), getattr(args, "score_halflife", 0)
+    if score_halflife < 0:
+        raise BadInput("--score-halflife must be >= 0")
+    if score != "error" or score_halflife:
         if engine.model.lola_config is None:
-            raise BadInput("--score applies to LoLA mode only")
+            raise BadInput("--score and --score-halflife apply to LoLA mode only")
         engine.model.lola_config.score = score  # read at each eviction, on the CPU and the GPU engine alike
+        engine.model.lola_config.score_halflife = score_halflife
     message = mode_notice(engine)
     if message and engine.info.mode != "exact":
         notice(message)
@@ -155,15 +161,20 @@ def _setting(engine) -> str:
     variant += f", state half-life {info.state_halflife}" if info.state_halflife else ""
     score = getattr(engine.model.lola_config, "score", "error")
     variant += f", score {score}" if score != "error" else ""
+    score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
+    variant += f", score half-life {score_halflife}" if score_halflife else ""
     return f"{info.mode} (C={info.window}, λ={info.sparse}{variant}, mix {info.mix}, φ {info.phi_input})"
 
 
 def _describe(engine) -> dict:
-    """engine.describe(), plus the eviction score when it is not the default."""
+    """engine.describe(), plus the eviction score and its half-life when they are not the defaults."""
     out = engine.describe()
     score = getattr(engine.model.lola_config, "score", "error")
     if score != "error":
         out["score"] = score
+    score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
+    if score_halflife:
+        out["score_halflife"] = score_halflife
     return out
 
 
