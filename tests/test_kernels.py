@@ -330,31 +330,40 @@ def test_evict_compete(case):
     assert rel_err(h_got, h_want) < TOL[dtype] and rel_err(s_got, s_want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("score", ["relative", "others"])
-def test_evict_compete_other_scores(score):
-    """The eviction scores beside the self-recall error: the Triton path (φ from the scores kernel, the score in
-    PyTorch) keeps what the reference keeps, and the score does change what is kept."""
-    b, h, d, f, capacity, c, group = 1, 4, 16, 32, 24, 8, 2
-    draw = Draw(91)
+def compete_with_and_without(seed: int, group: int, spacing: int, **variant):
+    """One competition (λ = 24 of 32 candidates, 4 heads) three ways: the reference with the default score, the
+    reference with `variant` (ref.evict_compete's keywords) and the Triton path with it. Candidate order is age
+    order, `spacing` tokens apart. Returns (plain keep, reference keep, Triton keep); the Triton path's state is
+    checked against the reference's here."""
+    b, h, d, f, capacity, c = 1, 4, 16, 32, 24, 8
+    draw = Draw(seed)
     n = capacity + c
     keys, values = draw.normal(b, h, n, d), draw.normal(b, h, n, d, scale=0.5) + draw.uniform(b, h, n, 1) * 3
-    positions = torch.arange(n, device=DEVICE).expand(b, h, n)
+    positions = (torch.arange(n, device=DEVICE) * spacing).expand(b, h, n)
     weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
     h_want, s_want = state(draw, b, h, f, d)
     h_got, s_got = h_want.clone(), s_want.clone()
     plain = ref.evict_compete(keys, values, positions, h_want.clone(), s_want.clone(), weight, capacity, freqs,
                               "pre_rope", group)
     keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, "pre_rope", group,
-                                  score)
-    assert not torch.equal(keep_want, plain)
+                                  **variant)
     os.environ["LOLACHAT_TRITON"] = "1"
     try:
         keep_got = ops.evict_compete(keys, values, positions, h_got, s_got, weight, capacity, freqs, "pre_rope", group,
-                                     score=score)
+                                     **variant)
     finally:
         del os.environ["LOLACHAT_TRITON"]
-    assert torch.equal(keep_got, keep_want)
     assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
+    return plain, keep_want, keep_got
+
+
+@pytest.mark.parametrize("score", ["relative", "others"])
+def test_evict_compete_other_scores(score):
+    """The eviction scores beside the self-recall error: the Triton path (φ from the scores kernel, the score in
+    PyTorch) keeps what the reference keeps, and the score does change what is kept."""
+    plain, keep_want, keep_got = compete_with_and_without(91, 2, 1, score=score)
+    assert not torch.equal(keep_want, plain)
+    assert torch.equal(keep_got, keep_want)
 
 
 def test_age_discount_halves_a_score_per_halflife():
@@ -369,28 +378,10 @@ def test_age_discount_halves_a_score_per_halflife():
 def test_evict_compete_discounts_scores_by_age(group):
     """score_halflife: the Triton path (scores kernel, the discount in PyTorch, the split kernel) keeps what the
     reference keeps, and the discount changes what is kept, toward newer pairs."""
-    b, h, d, f, capacity, c = 1, 4, 16, 32, 24, 8
-    draw = Draw(93)
-    n = capacity + c
-    keys, values = draw.normal(b, h, n, d), draw.normal(b, h, n, d, scale=0.5) + draw.uniform(b, h, n, 1) * 3
-    positions = (torch.arange(n, device=DEVICE) * 50).expand(b, h, n)  # 0 … 1,550 tokens back
-    weight, freqs = draw.normal(h, d, f // 2), inv_freq(d)
-    h_want, s_want = state(draw, b, h, f, d)
-    h_got, s_got = h_want.clone(), s_want.clone()
-    plain = ref.evict_compete(keys, values, positions, h_want.clone(), s_want.clone(), weight, capacity, freqs,
-                              "pre_rope", group)
-    keep_want = ref.evict_compete(keys, values, positions, h_want, s_want, weight, capacity, freqs, "pre_rope", group,
-                                  score_halflife=400)
+    plain, keep_want, keep_got = compete_with_and_without(93, group, 50, score_halflife=400)  # 0 … 1,550 back
     assert not torch.equal(keep_want, plain)
-    assert keep_want.float().mean() > plain.float().mean()  # candidate order is age order: newer pairs kept
-    os.environ["LOLACHAT_TRITON"] = "1"
-    try:
-        keep_got = ops.evict_compete(keys, values, positions, h_got, s_got, weight, capacity, freqs, "pre_rope", group,
-                                     score_halflife=400)
-    finally:
-        del os.environ["LOLACHAT_TRITON"]
+    assert keep_want.float().mean() > plain.float().mean()  # newer pairs kept
     assert torch.equal(keep_got, keep_want)
-    assert rel_err(h_got, h_want) < 1e-4 and rel_err(s_got, s_want) < 1e-4
 
 
 @pytest.mark.parametrize("store_phi", [True, False], ids=["phi-stored", "phi-from-keys"])
