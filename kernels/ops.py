@@ -113,7 +113,7 @@ def evict_compete(
     store_phi: bool = True,
     score: str = "error",
     fade: float = 1.0,
-    score_halflife: float = 0,
+    recency: ref.Recency = ref.NO_RECENCY,
 ) -> torch.Tensor:
     """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold), one more for the
     group maximum when `group` > 1; the fade happens inside the scores and the fold. With `store_phi` the
@@ -122,11 +122,11 @@ def evict_compete(
     reference's PyTorch ops (on the same device)."""
     if not use_triton(cand_v):
         return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
-                                 phi_input, group, score, fade, score_halflife)
+                                 phi_input, group, score, fade, recency)
     store_phi = store_phi or score != "error"
     phi = triton_eviction.phi_scratch(cand_v.shape[:3], h_state.shape[2], cand_v.device) if store_phi else None
     keep, drop = _split_by_score(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
-                                 phi_input, group, score, fade, phi, score_halflife)
+                                 phi_input, group, score, fade, phi, recency)
     if store_phi:
         triton_eviction.fold_picked(phi, cand_v, drop, h_state, s_state, fade=fade)
     else:
@@ -136,21 +136,21 @@ def evict_compete(
 
 
 def _split_by_score(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq, phi_input, group,
-                    score, fade, phi, score_halflife=0):
+                    score, fade, phi, recency=ref.NO_RECENCY):
     """Triton: the candidates' scores against the faded state (their φ into `phi` if given), then (keep, drop).
-    The age discount (`score_halflife`) is PyTorch on the device, between the scores and the split."""
+    `recency` (ref.Recency) is PyTorch on the device, between the scores and the split."""
     scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
                                            phi_input == "post_rope", phi_out=phi, fade=fade)
     if score != "error":
         faded = (h_state, s_state) if fade == 1.0 else (h_state * fade, s_state * fade)
         scores = ref.eviction_scores(phi, cand_v, *faded, score)
-    scores = ref.age_discount(scores, cand_pos, score_halflife)
+    scores = recency.apply(scores, cand_pos)
     return select_keep(ref.group_max(scores, group), capacity)
 
 
 def compete_and_keep(cand: tuple, rows: int, h_state, s_state, phi_weight, capacity: int, inv_freq, phi_input: str,
                      sparse: tuple, window_k, window_v, next_k=None, next_v=None, group: int = 1,
-                     score: str = "error", fade: float = 1.0, score_halflife: float = 0) -> None:
+                     score: str = "error", fade: float = 1.0, recency: ref.Recency = ref.NO_RECENCY) -> None:
     """Eviction once its candidates are assembled (λ ≥ 1): `evict_compete` on the first `rows` rows of the
     candidate buffers cand = (cand_k, cand_v, cand_pos), then `keep_and_shift` of the winners into the sparse
     cache sparse = (sparse_k, sparse_v, sparse_pos), the window shifted and the next chunk appended. Triton:
@@ -158,12 +158,12 @@ def compete_and_keep(cand: tuple, rows: int, h_state, s_state, phi_weight, capac
     head = tuple(t[:, :, :rows] for t in cand)
     if not (use_triton(cand[1]) and cand[0].is_contiguous()):
         keep = evict_compete(*head, h_state, s_state, phi_weight, capacity, inv_freq, phi_input, group,
-                             score=score, fade=fade, score_halflife=score_halflife)
+                             score=score, fade=fade, recency=recency)
         keep_and_shift(*cand, keep, *sparse, window_k, window_v, next_k, next_v)
         return
     phi = triton_eviction.phi_scratch(head[1].shape[:3], h_state.shape[2], head[1].device)
     keep, drop = _split_by_score(*head, h_state, s_state, phi_weight, capacity, inv_freq, phi_input, group, score,
-                                 fade, phi, score_halflife)
+                                 fade, phi, recency)
     triton_eviction.fold_and_keep(phi, head[1], drop, h_state, s_state, keep, *cand, *sparse, window_k, window_v,
                                   next_k, next_v, fade=fade)
 

@@ -8,6 +8,7 @@ Linear-attention state (H_state [B,H,F,D], s [B,H,F]) is float32 always.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -266,6 +267,31 @@ def age_discount(scores: torch.Tensor, positions: torch.Tensor, halflife: float)
     return scores * torch.exp2(-age.float() / halflife)
 
 
+def keep_newest(scores: torch.Tensor, positions: torch.Tensor, slots: int) -> torch.Tensor:
+    """scores [B,H,N] with the `slots` newest candidates (by positions [B,H,N]) raised to +inf, so they always
+    keep a slot and only the rest of the λ slots go by score: a recency share beside the score's slots
+    (docs/quality.md §14). slots 0 = scores unchanged."""
+    if not slots:
+        return scores
+    newest = positions.topk(min(slots, positions.shape[-1]), dim=-1).indices
+    return scores.scatter(-1, newest, float("inf"))
+
+
+@dataclass(frozen=True)
+class Recency:
+    """How eviction favours recent pairs over the score alone: `halflife` discounts scores by age
+    (`age_discount`), `slots` of the λ always go to the newest candidates (`keep_newest`). Both 0 = DESIGN §4.4."""
+
+    halflife: float = 0
+    slots: int = 0
+
+    def apply(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return keep_newest(age_discount(scores, positions, self.halflife), positions, self.slots)
+
+
+NO_RECENCY = Recency()
+
+
 def evict_compete(
     cand_k: torch.Tensor,
     cand_v: torch.Tensor,
@@ -279,7 +305,7 @@ def evict_compete(
     group: int = 1,
     score: str = "error",
     fade: float = 1.0,
-    score_halflife: float = 0,
+    recency: Recency = NO_RECENCY,
 ) -> torch.Tensor:
     """The competing branch of eviction (DESIGN §4.4): fade the state by `fade` (`LolaConfig.state_fade`),
     score, keep the top `capacity`, fold the rest.
@@ -289,14 +315,14 @@ def evict_compete(
     place with the dropped pairs. Returns keep [B,H,capacity] (candidate order). With `group` > 1 the
     query heads of each group (whose candidates are the same) rank by the group's largest error, so
     they keep the same pairs: the group selection of `lola.LolaConfig` on per-head buffers. `score` is the
-    eviction score (`eviction_scores`), discounted by age with `score_halflife` (`age_discount`).
+    eviction score (`eviction_scores`), shaped toward recent pairs by `recency` (`Recency`).
     """
     if fade != 1.0:
         h_state.mul_(fade)
         s_state.mul_(fade)
     x = rope_rotate(cand_k, cand_pos, inv_freq) if phi_input == "post_rope" else cand_k
     phi_k = hedgehog(x, phi_weight)
-    scores = age_discount(eviction_scores(phi_k, cand_v, h_state, s_state, score), cand_pos, score_halflife)
+    scores = recency.apply(eviction_scores(phi_k, cand_v, h_state, s_state, score), cand_pos)
     keep, drop = select_keep(group_max(scores, group), capacity)
     fold(gather_tokens(phi_k, drop), gather_tokens(cand_v, drop), h_state, s_state)
     return keep

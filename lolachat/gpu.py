@@ -339,7 +339,7 @@ class StaticDecoder:
                                      (layer.sparse_k_buf, layer.sparse_v_buf, layer.sparse_pos_buf), layer.window_k,
                                      layer.window_v, *(next_kv or (None, None)), group=layer.group,
                                      score=self.cfg.score, fade=self.cfg.state_fade(),
-                                     score_halflife=self.cfg.score_halflife)
+                                     recency=self.cfg.recency())
                 return m - lam
             ops.evict_compete(*(t[:, :, :m] for t in cand), layer.h, layer.s, self.phi_k[i], lam, self.inv_freq,
                               self.cfg.phi_input, fade=self.cfg.state_fade())  # λ = 0: every pair folds
@@ -443,7 +443,7 @@ class StaticDecoder:
         ops.assemble_candidates(*sparse, lam, window_k, window_v, mem.window_start, *cand)
         keep = ops.evict_compete(*cand, h_state, s_state, self.phi_k_stacked, lam, self.inv_freq, self.cfg.phi_input,
                                  group=mem.layers[0].group, store_phi=False, fade=self.cfg.state_fade(),
-                                 score_halflife=self.cfg.score_halflife)
+                                 recency=self.cfg.recency())
         ops.keep_and_shift(*cand, keep, *sparse, window_k, window_v)
 
     def _block_body(self, mem: StaticMemory, kc: int) -> None:

@@ -33,6 +33,7 @@ class LolaConfig:
     state_halflife: int = 0  # tokens after which the linear state's old contents weigh half; 0 = never fade
     score: str = "error"  # eviction score: self-recall "error" (DESIGN §4.4), "relative" or "others" (eviction_scores)
     score_halflife: int = 0  # eviction scores × 0.5^(age / this), in tokens (reference.age_discount); 0 = off
+    recent_slots: int = 0  # of the λ slots, this many always hold the newest pairs (reference.keep_newest); 0 = off
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -51,8 +52,14 @@ class LolaConfig:
             raise ValueError("state half-life must be >= 0")
         if self.score_halflife < 0:
             raise ValueError("score half-life must be >= 0")
+        if not 0 <= self.recent_slots <= self.sparse:
+            raise ValueError(f"recent slots must be between 0 and the sparse cache size {self.sparse}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
+
+    def recency(self) -> ref.Recency:
+        """How eviction favours recent pairs beside the score (score_halflife, recent_slots)."""
+        return ref.Recency(self.score_halflife, self.recent_slots)
 
     def state_fade(self) -> float:
         """Factor on H and s at each eviction that folds (once per C tokens): 1 when the state never fades.
@@ -403,8 +410,7 @@ class LolaAttention:
         group = mem.h.shape[1] // cand_k.shape[1]
         k_heads, v_heads, pos_heads = (expand_heads(x, group) for x in (cand_k, cand_v, cand_pos))
         phi_k = self.phi(k_heads, pos_heads, self.adapter.phi_k)
-        scores = ref.age_discount(eviction_scores(phi_k, v_heads, mem.h, mem.s, self.cfg.score), pos_heads,
-                                  self.cfg.score_halflife)
+        scores = self.cfg.recency().apply(eviction_scores(phi_k, v_heads, mem.h, mem.s, self.cfg.score), pos_heads)
         keep, drop = ref.select_keep(ref.group_scores(scores, group), self.cfg.sparse)
         drop = expand_heads(drop, group)
         ref.fold(ref.gather_tokens(phi_k, drop), ref.gather_tokens(v_heads, drop), mem.h, mem.s)

@@ -62,6 +62,28 @@ SETTINGS = {
     # per-head λ under the default's window (docs/quality.md §13)
     "C=256 λ=256 half-life 8K": {"window": 256, "sparse": 256, "state_halflife": 8192},
     "C=256 λ=1024": {"window": 256, "sparse": 1024},
+    # eviction toward recent pairs (docs/quality.md §13.4, §14): a score half-life, or recent slots beside the score's
+    "C=64 λ=1024 score half-life 32K": {"window": 64, "sparse": 1024, "state_halflife": 8192, "score_halflife": 32768},
+    "C=64 λ=1024 recent 512": {"window": 64, "sparse": 1024, "state_halflife": 8192, "recent_slots": 512},
+    "C=64 λ=1024 recent 768": {"window": 64, "sparse": 1024, "state_halflife": 8192, "recent_slots": 768},
+    "C=64 λ=256 recent 64": {"window": 64, "sparse": 256, "state_halflife": 8192, "recent_slots": 64},
+    "C=64 λ=256 recent 128": {"window": 64, "sparse": 256, "state_halflife": 8192, "recent_slots": 128},
+    "C=256 λ=384 group recent 128": {"window": 256, "sparse": 384, "selection": "group", "state_halflife": 8192,
+                                     "recent_slots": 128},
+    "C=256 λ=384 group recent 64": {"window": 256, "sparse": 384, "selection": "group", "state_halflife": 8192,
+                                    "recent_slots": 64},
+    "C=64 λ=256 others recent 128": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others",
+                                     "recent_slots": 128},
+    "C=256 λ=384 group recent 96": {"window": 256, "sparse": 384, "selection": "group", "state_halflife": 8192,
+                                    "recent_slots": 96},
+    "C=256 λ=384 group others recent 96": {"window": 256, "sparse": 384, "selection": "group",
+                                           "state_halflife": 8192, "score": "others", "recent_slots": 96},
+    "C=64 λ=256 others recent 160": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others",
+                                     "recent_slots": 160},
+    "C=64 λ=256 others recent 128 half-life 4K": {"window": 64, "sparse": 256, "state_halflife": 4096,
+                                                  "score": "others", "recent_slots": 128},
+    # the "others" score of docs/quality.md §11 (per-head λ = 256 at 2K)
+    "C=64 λ=256 others": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others"},
     # the same with --alt-adapter
     "alt λ=768 group": {"window": 64, "adapter": "alt", "sparse": 768, "selection": "group"},
     "alt λ=768 group half-life 2K": {"window": 64, "adapter": "alt", "sparse": 768, "selection": "group",
@@ -84,8 +106,13 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=480.0, help="wall clock for the whole study")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from SETTINGS")
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
-    p.add_argument("--samples", type=int, default=10, help="per length × depth cell (5 depths: ×5 per length)")
+    p.add_argument("--samples", type=int, default=10,
+                   help="per length × depth cell (5 depths: ×5 per length); 0 = perplexity only")
     p.add_argument("--ppl-windows", type=int, default=3)
+    p.add_argument("--ppl-contexts", help="context lengths of the perplexity (default: --lengths)")
+    p.add_argument("--ppl-aligned", action="store_true",
+                   help="every context scores the same tokens (windows end where the longest context's end)")
+    p.add_argument("--doc", help="a second text (one long document) whose perplexity is measured too")
     p.add_argument("--workers", type=int, default=1, help="processes per setting (they split the samples)")
     p.add_argument("--alt-adapter", help="the adapter of the settings marked 'alt'")
     p.add_argument("--device", default="cuda")
@@ -118,9 +145,10 @@ def drive(args) -> int:
             tag = f"w{i}-{shard}"
             options = (("model", args.model), ("heldout", args.heldout), ("out", work / f"{tag}.json"),
                        ("lengths", args.lengths), ("samples", args.samples), ("ppl-windows", args.ppl_windows),
+                       ("ppl-contexts", args.ppl_contexts), ("doc", args.doc),
                        ("device", args.device), ("alt-adapter", args.alt_adapter), ("shard", f"{shard}/{args.workers}"))
             cmd = [sys.executable, __file__, "--worker", name, "--deadline", str(deadline)]
-            cmd += [f"--{k}={v}" for k, v in options if v is not None]
+            cmd += [f"--{k}={v}" for k, v in options if v is not None] + ["--ppl-aligned"] * args.ppl_aligned
             with open(work / f"{tag}.log", "w") as log:
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     for proc in procs:
@@ -200,7 +228,7 @@ def worker(args) -> int:
 
     name = args.worker
     shard = tuple(int(x) for x in args.shard.split("/"))
-    result: dict = {"setting": name, "ppl": {}, "errors": []}
+    result: dict = {"setting": name, "ppl": {}, "ppl_doc": {}, "errors": []}
     out = Path(args.out)
 
     def save():
@@ -218,24 +246,31 @@ def worker(args) -> int:
         engine = factory.build(adapter, **kwargs)
         result["engine"] = engine.describe()
         result["adapter"] = None if adapter is None else str(adapter)
-        ids = factory.tokenizer.encode(Path(args.heldout).read_text(), add_special_tokens=False)
         lengths = [n for n in map(int, args.lengths.split(",")) if max_length is None or n <= max_length]
-        result["grid"] = {"lengths": lengths, "depths": DEPTHS}
+        contexts = [n for n in map(int, (args.ppl_contexts or args.lengths).split(","))
+                    if max_length is None or n <= max_length]
+        result["grid"] = {"lengths": lengths, "depths": DEPTHS, "ppl_aligned": args.ppl_aligned}
         save()
-        for context in lengths if shard[0] == 0 else []:
-            if time.time() > args.deadline:
-                break
-            try:
-                r = perplexity(engine, ids, context, tail=512, samples=args.ppl_windows)
-                result["ppl"][str(context)] = {"ppl": r["ppl"], "windows": r["windows"]}
-            except Exception as err:  # e.g. out of memory for the teacher at long contexts
-                result["errors"].append(f"ppl {context}: {type(err).__name__}: {err}")
-            save()
-        left = args.deadline - time.time()
-        pk = run_passkey(engine, lengths=lengths, depths=DEPTHS, samples=args.samples, max_new_tokens=16,
-                         deadline=time.monotonic() + left, min_rounds=1, shard=shard)
-        result["passkey"] = {k: pk[k] for k in ("truncated", "memory_after_prefill")}
-        result["samples"] = [{k: v for k, v in s.items() if k != "memory"} for s in pk["samples"]]
+        texts = [("ppl", args.heldout)] + ([("ppl_doc", args.doc)] if args.doc else [])
+        for key, path in texts if shard[0] == 0 else []:
+            ids = factory.tokenizer.encode(Path(path).read_text(), add_special_tokens=False)
+            for context in contexts:
+                if time.time() > args.deadline:
+                    break
+                try:
+                    r = perplexity(engine, ids, context, tail=512, samples=args.ppl_windows,
+                                   align_to=max(contexts) if args.ppl_aligned else None)
+                    result[key][str(context)] = {"ppl": r["ppl"], "windows": r["windows"],
+                                                 "per_window_ppl": r["per_window_ppl"]}
+                except Exception as err:  # e.g. out of memory for the teacher at long contexts
+                    result["errors"].append(f"{key} {context}: {type(err).__name__}: {err}")
+                save()
+        if args.samples:
+            left = args.deadline - time.time()
+            pk = run_passkey(engine, lengths=lengths, depths=DEPTHS, samples=args.samples, max_new_tokens=16,
+                             deadline=time.monotonic() + left, min_rounds=1, shard=shard)
+            result["passkey"] = {k: pk[k] for k in ("truncated", "memory_after_prefill")}
+            result["samples"] = [{k: v for k, v in s.items() if k != "memory"} for s in pk["samples"]]
     except Exception as err:
         result["errors"].append(f"{type(err).__name__}: {err}")
         result["traceback"] = traceback.format_exc()
@@ -263,10 +298,13 @@ def tables(study: dict) -> str:
         by = s.get("passkey", {}).get("by_length", {})
         cells = [_num(by.get(str(n), {}).get("needle_kept")) for n in lengths]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "perplexity of the last 512 tokens of each window, by context length", head, rule]
-    for name, s in settings.items():
-        ppl = s.get("ppl", {})
-        lines.append(f"| {name} | " + " | ".join(_num(ppl.get(str(n), {}).get("ppl")) for n in lengths) + " |")
+    for key, text in (("ppl", "the held-out text"), ("ppl_doc", "the long document (--doc)")):
+        if not any(s.get(key) for s in settings.values()):
+            continue
+        lines += ["", f"perplexity of the last 512 tokens of each window of {text}, by context length", head, rule]
+        for name, s in settings.items():
+            ppl = s.get(key, {})
+            lines.append(f"| {name} | " + " | ".join(_num(ppl.get(str(n), {}).get("ppl")) for n in lengths) + " |")
     for name, s in settings.items():
         for err in s.get("errors", []) + ([s["error"]] if "error" in s else []):
             lines.append(f"error in {name}: {err}")

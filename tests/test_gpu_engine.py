@@ -132,18 +132,18 @@ def test_prompt_tail_runs_in_smaller_blocks(small_blocks, monkeypatch):
     assert list(dec.generate(mem, logits, 20, GREEDY)) == want_tokens
 
 
-@pytest.mark.parametrize(("halflife", "score_halflife"), [(0, 0), (20, 40)])
-def test_block_body_through_the_triton_kernels_matches_cpu_engine(halflife, score_halflife, small_blocks,
-                                                                   monkeypatch):
+@pytest.mark.parametrize(("halflife", "recency"), [(0, {}), (20, {"score_halflife": 40}), (0, {"recent_slots": 6})],
+                         ids=["plain", "halflives", "recent-slots"])
+def test_block_body_through_the_triton_kernels_matches_cpu_engine(halflife, recency, small_blocks, monkeypatch):
     """The same steady-state blocks with every op on its Triton kernel (interpreted on the CPU): attention,
     eviction, its data movement and the norms, as the GPU runs them; then decode steps through the fused
     GEMVs (norm + q/k/v + window write, o + residual, norm + gate/up + SiLU, down + residual, norm + head),
     the greedy argmax kernel, and one eviction of all layers at once (`_evict_all_layers`). With a half-life
-    the state fades inside the eviction kernels; with a score half-life the scores are discounted by age
-    between the scores kernel and the split."""
+    the state fades inside the eviction kernels; with a score half-life or recent slots the scores are shaped
+    toward recent pairs between the scores kernel and the split."""
     pytest.importorskip("triton")
     monkeypatch.setenv("LOLACHAT_TRITON", "1")
-    _, ref, mine = pair(16, state_halflife=halflife, score_halflife=score_halflife)
+    _, ref, mine = pair(16, state_halflife=halflife, **recency)
     ids = tokens(97, 120, seed=5)
     steps = 2 * CHUNK - 4  # from a chunk boundary + 4 tokens: one steady eviction in decode
     want, want_tokens, _ = reference_run(ref, ids, 100, steps)
@@ -159,14 +159,16 @@ def test_block_body_through_the_triton_kernels_matches_cpu_engine(halflife, scor
     assert evictions, "no decode step evicted"
 
 
-@pytest.mark.parametrize(("score", "selection", "score_halflife"), [
-    ("relative", "head", 0), ("others", "head", 0), ("others", "group", 0), ("error", "head", 40),
-    ("error", "group", 40), ("others", "head", 40)])
-def test_eviction_scores_match_cpu_engine(score, selection, score_halflife, small_blocks, monkeypatch):
-    """The eviction scores beside the self-recall error, and scores discounted by age, keep on the static
-    decoder what the CPU engine keeps: prefill blocks, decode evictions (layer by layer, except the default
-    score's all-layer eviction)."""
-    _, ref, mine = pair(16, score=score, selection=selection, score_halflife=score_halflife)
+@pytest.mark.parametrize(("score", "selection", "recency"), [
+    ("relative", "head", {}), ("others", "head", {}), ("others", "group", {}),
+    ("error", "head", {"score_halflife": 40}), ("error", "group", {"score_halflife": 40}),
+    ("others", "head", {"score_halflife": 40}),
+    ("error", "head", {"recent_slots": 6}), ("error", "group", {"recent_slots": 6, "score_halflife": 40})])
+def test_eviction_scores_match_cpu_engine(score, selection, recency, small_blocks, monkeypatch):
+    """The eviction scores beside the self-recall error, scores discounted by age, and slots held by the newest
+    pairs keep on the static decoder what the CPU engine keeps: prefill blocks, decode evictions (layer by layer,
+    except the default score's all-layer eviction)."""
+    _, ref, mine = pair(16, score=score, selection=selection, **recency)
     ids = tokens(97, 157, seed=9)
     want, want_tokens, _ = reference_run(ref, ids, 120, 30)
     dec, blocks = block_decoder(mine, monkeypatch)

@@ -378,9 +378,34 @@ def test_age_discount_halves_a_score_per_halflife():
 def test_evict_compete_discounts_scores_by_age(group):
     """score_halflife: the Triton path (scores kernel, the discount in PyTorch, the split kernel) keeps what the
     reference keeps, and the discount changes what is kept, toward newer pairs."""
-    plain, keep_want, keep_got = compete_with_and_without(93, group, 50, score_halflife=400)  # 0 … 1,550 back
+    aged = ref.Recency(halflife=400)  # candidates 0 … 1,550 tokens back
+    plain, keep_want, keep_got = compete_with_and_without(93, group, 50, recency=aged)
     assert not torch.equal(keep_want, plain)
     assert keep_want.float().mean() > plain.float().mean()  # newer pairs kept
+    assert torch.equal(keep_got, keep_want)
+
+
+def test_keep_newest_raises_the_newest_candidates_of_each_head():
+    scores = torch.tensor([[5.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]]).view(1, 2, 4)
+    positions = torch.tensor([[10, 40, 20, 30], [70, 50, 60, 80]]).view(1, 2, 4)
+    inf = float("inf")
+    want = torch.tensor([[5.0, inf, 3.0, inf], [inf, 2.0, 3.0, inf]]).view(1, 2, 4)
+    torch.testing.assert_close(ref.keep_newest(scores, positions, 2), want)
+    assert ref.keep_newest(scores, positions, 0) is scores
+    keep, _ = ref.select_keep(ref.keep_newest(scores, positions, 2), 3)
+    assert keep.tolist() == [[[0, 1, 3], [0, 2, 3]]]  # two newest, then the best score of the rest
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_evict_compete_keeps_the_newest_in_recent_slots(group):
+    """recent slots: the Triton path keeps what the reference keeps; the 8 newest candidates always stay and
+    the other 16 slots still go by score: the best older candidates, which the plain score keeps too."""
+    plain, keep_want, keep_got = compete_with_and_without(95, group, 1, recency=ref.Recency(slots=8))
+    newest = set(range(24, 32))
+    for recent_row, plain_row in zip(keep_want[0].tolist(), plain[0].tolist()):
+        assert newest <= set(recent_row)
+        assert set(recent_row) - newest <= set(plain_row)
+    assert not torch.equal(keep_want, plain)
     assert torch.equal(keep_got, keep_want)
 
 

@@ -63,6 +63,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-halflife", type=int, default=0, metavar="TOKENS",
                         help="eviction scores fade with age to half over this many tokens, so stale pairs give "
                              "their slots to recent ones (experimental, docs/quality.md §13.4; default 0 = off)")
+    parser.add_argument("--recent-slots", type=int, default=0, metavar="N",
+                        help="of the λ sparse-cache slots, N always hold the newest pairs and the rest go by score "
+                             "(experimental, docs/quality.md §14; default 0 = every slot by score)")
     add_engine_options(parser)
 
 
@@ -138,18 +141,28 @@ def _engine(args):
     if args.mode == "lola" and engine.info.mode == "exact":
         raise BadInput(f"{engine.info.model} has no LoLA adapter: pass --adapter FILE, --feature-map identity, "
                        "or --mode exact")
-    score, score_halflife = getattr(args, "score", "error"), getattr(args, "score_halflife", 0)
-    if score_halflife < 0:
-        raise BadInput("--score-halflife must be >= 0")
-    if score != "error" or score_halflife:
-        if engine.model.lola_config is None:
-            raise BadInput("--score and --score-halflife apply to LoLA mode only")
-        engine.model.lola_config.score = score  # read at each eviction, on the CPU and the GPU engine alike
-        engine.model.lola_config.score_halflife = score_halflife
+    _set_eviction_score(engine, args)
     message = mode_notice(engine)
     if message and engine.info.mode != "exact":
         notice(message)
     return engine
+
+
+def _set_eviction_score(engine, args) -> None:
+    """--score, --score-halflife and --recent-slots onto the engine's LoLA config, which every eviction reads (on
+    the CPU and the GPU engine alike)."""
+    score = getattr(args, "score", "error")
+    score_halflife, recent_slots = getattr(args, "score_halflife", 0), getattr(args, "recent_slots", 0)
+    if score_halflife < 0 or recent_slots < 0:
+        raise BadInput("--score-halflife and --recent-slots must be >= 0")
+    if score == "error" and not score_halflife and not recent_slots:
+        return
+    cfg = engine.model.lola_config
+    if cfg is None:
+        raise BadInput("--score, --score-halflife and --recent-slots apply to LoLA mode only")
+    if recent_slots > cfg.sparse:
+        raise BadInput(f"--recent-slots {recent_slots} is more than the sparse cache's {cfg.sparse} slots")
+    cfg.score, cfg.score_halflife, cfg.recent_slots = score, score_halflife, recent_slots
 
 
 def _setting(engine) -> str:
@@ -163,6 +176,8 @@ def _setting(engine) -> str:
     variant += f", score {score}" if score != "error" else ""
     score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
     variant += f", score half-life {score_halflife}" if score_halflife else ""
+    recent_slots = getattr(engine.model.lola_config, "recent_slots", 0)
+    variant += f", {recent_slots} recent slots" if recent_slots else ""
     return f"{info.mode} (C={info.window}, λ={info.sparse}{variant}, mix {info.mix}, φ {info.phi_input})"
 
 
@@ -172,9 +187,10 @@ def _describe(engine) -> dict:
     score = getattr(engine.model.lola_config, "score", "error")
     if score != "error":
         out["score"] = score
-    score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
-    if score_halflife:
-        out["score_halflife"] = score_halflife
+    for name in ("score_halflife", "recent_slots"):
+        value = getattr(engine.model.lola_config, name, 0)
+        if value:
+            out[name] = value
     return out
 
 

@@ -32,10 +32,12 @@ class EngineFactory:
 
     def build(self, adapter: str | Path | Adapter | None = None, *, sparse: int = 256, window: int | None = None,
               mix: str = "lola", max_distance: int | None = None, selection: str = "head",
-              sinks: int = 0, state_halflife: int = 0) -> Engine:
+              sinks: int = 0, state_halflife: int = 0, score: str = "error", score_halflife: int = 0,
+              recent_slots: int = 0) -> Engine:
         """Exact attention when `adapter` is None, else LoLA with that adapter (a file or an Adapter).
 
-        `selection`, `sinks` and `state_halflife` pick the LoLA memory variant (lola.LolaConfig)."""
+        `selection`, `sinks`, `state_halflife` and the eviction score's `score`, `score_halflife` and
+        `recent_slots` pick the LoLA memory variant (lola.LolaConfig)."""
         args = self.loaded.args
         if isinstance(adapter, (str, Path)):
             adapter = load_adapter(adapter, args)
@@ -50,7 +52,8 @@ class EngineFactory:
             cfg = LolaConfig(chunk=window or adapter.metadata.get("chunk") or 64, sparse=sparse, mix=mix,
                              max_distance=max_distance or max(1, args.max_position // 2),
                              phi_input=adapter.phi_input, selection=selection, sinks=sinks,
-                             state_halflife=state_halflife)
+                             state_halflife=state_halflife, score=score, score_halflife=score_halflife,
+                             recent_slots=recent_slots)
             net.attach_lola(cfg, adapter.layers)
         mode = "exact" if cfg is None else ("lola-identity" if adapter.experimental else "lola")
         info = EngineInfo(
