@@ -83,6 +83,8 @@ class EngineInfo:
     selection: str | None = None  # sparse-cache selection per query "head" or per KV-head "group"
     sinks: int | None = None  # first tokens never evicted
     state_halflife: int | None = None  # linear state fading (0 = never)
+    score: str | None = None  # sparse-cache eviction score (lola.LolaConfig.score)
+    recent_slots: int | None = None  # λ slots always held by the newest pairs (lola.LolaConfig.recent_slots)
     adapter_sha256: str | None = None  # Adapter.digest() of the feature maps in use
     quant: str = "none"  # "int8": weight-only int8 linear layers (lolachat.quant)
 
@@ -205,10 +207,18 @@ class Engine:
         return asdict(self.info)
 
 
+def _lola_config(**settings) -> LolaConfig:
+    try:
+        return LolaConfig(**settings)
+    except ValueError as err:  # settings out of range, e.g. more recent slots than λ
+        raise BadInput(f"bad LoLA settings: {err}") from None
+
+
 def load(model: str | None = None, *, device: str = "auto", dtype: str | None = None, window: int | None = None,
          sparse: int | None | str = "auto", mix: str | None = None, max_distance: int | None = None,
          feature_map: str | None = None, selection: str | None = None, sinks: int | None = None,
-         state_halflife: int | None = None, pull: bool = True, progress=None,
+         state_halflife: int | None = None, score: str | None = None, recent_slots: int | None = None,
+         pull: bool = True, progress=None,
          adapter: str | Path | None = None, quant: str | None = "none") -> Engine:
     """Load a model by catalog alias, Hub repo id or local path (DESIGN §1).
 
@@ -217,8 +227,10 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     `feature_map="identity"` runs LoLA with untrained identity-initialised maps (experimental).
     `adapter` names an adapter file (DESIGN §4.5) to use instead of the model's own.
     `selection` ("head" or "group"; default: the manifest's, else "head") and `sinks` pick the sparse-cache
-    variant; `state_halflife` (tokens; default: the manifest's, else 0 = never) fades the linear state
-    (lola.LolaConfig).
+    variant; `state_halflife` (tokens; default: the manifest's, else 0 = never) fades the linear state;
+    `score` and `recent_slots` set how eviction picks the λ pairs (lola.LolaConfig). The manifest's score and
+    recent slots belong to its memory: they apply only when window, λ and selection are all the manifest's,
+    else DESIGN §4.4's plain policy (self-recall error, no recent slots) does unless these arguments say otherwise.
     `quant="int8"` runs the linear layers with int8 weights (CPU); "auto" picks it where it pays (lolachat.quant).
     """
     exact = sparse is None
@@ -248,7 +260,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     lola_defaults = local.manifest or {}  # catalog manifests carry window, sparse, selection, max_distance
     cfg = None
     if adapter is not None:
-        cfg = LolaConfig(
+        eviction = lola_defaults if sparse == "auto" and not window and not selection else {}
+        cfg = _lola_config(
             # the model's runtime choice first: an adapter's chunk is only the C it was trained with
             chunk=window or lola_defaults.get("window") or adapter.metadata.get("chunk") or 64,
             sparse=lola_defaults.get("sparse", 256) if sparse == "auto" else int(sparse),
@@ -258,6 +271,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
             selection=selection or lola_defaults.get("selection", "head"),
             sinks=sinks or 0,
             state_halflife=lola_defaults.get("state_halflife", 0) if state_halflife is None else state_halflife,
+            score=score or eviction.get("score", "error"),
+            recent_slots=eviction.get("recent_slots", 0) if recent_slots is None else recent_slots,
         )
         net.attach_lola(cfg, adapter.layers)
     quantize_model(net, quant)  # after LoRA is merged and the weights are on their device
@@ -269,6 +284,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
         window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
         selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
         state_halflife=cfg.state_halflife if cfg else None, adapter_sha256=adapter.digest() if cfg else None,
+        score=cfg.score if cfg else None, recent_slots=cfg.recent_slots if cfg else None,
         max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None, quant=quant,
     )
     stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(tokenizer)))

@@ -76,7 +76,29 @@ def test_default_alias_runs_lola_with_the_shipped_adapter(real_gguf):
     out = json.loads(result.stdout)
     engine = out["engine"]
     # the manifest's settings, and the shipped adapter's identity (sessions check it)
-    assert (engine["mode"], engine["window"], engine["sparse"], engine["selection"], engine["state_halflife"]) == (
-        "lola", 256, 384, "group", 8192)
+    memory = ("mode", "window", "sparse", "selection", "state_halflife", "score", "recent_slots")
+    assert tuple(engine[k] for k in memory) == ("lola", 256, 384, "group", 8192, "others", 96)
     assert len(engine["adapter_sha256"]) == 16
     assert "Paris" in out["reply"]
+
+
+def test_manifest_eviction_policy_goes_with_the_manifest_memory(real_gguf):
+    """The manifest's score and recent slots apply to its own window, λ and selection; another memory gets DESIGN
+    §4.4's plain policy unless asked, and more recent slots than λ is refused with one message."""
+    import lolachat
+    from lolachat import store
+    from lolachat.errors import BadInput
+
+    if store.find("smollm2-135m") is None:
+        pytest.skip("smollm2-135m is not pulled into LOLACHAT_HOME")
+
+    def policy(**options):
+        cfg = lolachat.load("smollm2-135m", device="cpu", pull=False, **options).model.lola_config
+        return cfg.score, cfg.recent_slots
+
+    assert policy() == ("others", 96)
+    assert policy(sparse=1024, window=64, selection="head") == ("error", 0)
+    assert policy(sparse=1024, window=64, selection="head", recent_slots=512) == ("error", 512)
+    assert policy(recent_slots=0, score="error") == ("error", 0)
+    with pytest.raises(BadInput, match="recent slots"):
+        policy(sparse=64, recent_slots=100)

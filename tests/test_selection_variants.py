@@ -201,14 +201,16 @@ def test_eval_cli_passes_score_into_engine_and_json(tmp_path, capsys):
 
     folder = build_tiny_model(tmp_path / "model")
     out = tmp_path / "pk.json"
-    code = main(["eval", "passkey", str(folder), "--feature-map", "identity", "--lengths", "300", "--depths", "50%",
-                 "--samples", "1", "--max-new-tokens", "3", "--device", "cpu", "--window", "16", "--sparse", "16",
-                 "--score", "others", "--score-halflife", "256", "--out", str(out)])
+    run = ["eval", "passkey", str(folder), "--feature-map", "identity", "--lengths", "300", "--depths", "50%",
+           "--samples", "1", "--max-new-tokens", "3", "--device", "cpu", "--window", "16", "--sparse", "16",
+           "--out", str(out)]
+    code = main(run + ["--score", "others", "--score-halflife", "256", "--recent-slots", "4"])
     assert code == 0
-    assert "score others, score half-life 256" in capsys.readouterr().out
+    assert "score others, score half-life 256, 4 recent slots" in capsys.readouterr().out
     engine = json.loads(out.read_text())["engine"]
-    assert engine["score"] == "others" and engine["score_halflife"] == 256
-    code = main(["eval", "passkey", str(folder), "--feature-map", "identity", "--lengths", "300", "--depths", "50%",
-                 "--samples", "1", "--max-new-tokens", "3", "--device", "cpu", "--window", "16", "--sparse", "16",
-                 "--out", str(out)])
-    assert code == 0 and not {"score", "score_halflife"} & set(json.loads(out.read_text())["engine"])
+    assert (engine["score"], engine["score_halflife"], engine["recent_slots"]) == ("others", 256, 4)
+    assert main(run) == 0
+    engine = json.loads(out.read_text())["engine"]
+    assert (engine["score"], engine["recent_slots"]) == ("error", 0) and "score_halflife" not in engine
+    assert main(run + ["--recent-slots", "17"]) != 0
+    assert "recent slots must be between 0 and the sparse cache size 16" in capsys.readouterr().err

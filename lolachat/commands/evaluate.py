@@ -55,17 +55,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="lola (the adapter's bounded memory) or exact (softmax teacher, full KV cache)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--out", metavar="JSON", help="also write the full result to this file")
-    parser.add_argument("--score", choices=["error", "relative", "others"], default="error",
-                        help="sparse-cache eviction score (experimental): the self-recall "
-                             "error (default, DESIGN §4.4), 'relative' (error / value norm) or 'others' (error "
-                             "against the state with every other candidate folded in; docs/runs/"
-                             "l256-2k-diagnosis.md)")
     parser.add_argument("--score-halflife", type=int, default=0, metavar="TOKENS",
                         help="eviction scores fade with age to half over this many tokens, so stale pairs give "
                              "their slots to recent ones (experimental, docs/quality.md §13.4; default 0 = off)")
-    parser.add_argument("--recent-slots", type=int, default=0, metavar="N",
-                        help="of the λ sparse-cache slots, N always hold the newest pairs and the rest go by score "
-                             "(experimental, docs/quality.md §14; default 0 = every slot by score)")
     add_engine_options(parser)
 
 
@@ -141,28 +133,23 @@ def _engine(args):
     if args.mode == "lola" and engine.info.mode == "exact":
         raise BadInput(f"{engine.info.model} has no LoLA adapter: pass --adapter FILE, --feature-map identity, "
                        "or --mode exact")
-    _set_eviction_score(engine, args)
+    _set_score_halflife(engine, args)
     message = mode_notice(engine)
     if message and engine.info.mode != "exact":
         notice(message)
     return engine
 
 
-def _set_eviction_score(engine, args) -> None:
-    """--score, --score-halflife and --recent-slots onto the engine's LoLA config, which every eviction reads (on
-    the CPU and the GPU engine alike)."""
-    score = getattr(args, "score", "error")
-    score_halflife, recent_slots = getattr(args, "score_halflife", 0), getattr(args, "recent_slots", 0)
-    if score_halflife < 0 or recent_slots < 0:
-        raise BadInput("--score-halflife and --recent-slots must be >= 0")
-    if score == "error" and not score_halflife and not recent_slots:
+def _set_score_halflife(engine, args) -> None:
+    """--score-halflife onto the engine's LoLA config, which every eviction reads (CPU and GPU engine alike)."""
+    score_halflife = getattr(args, "score_halflife", 0)
+    if score_halflife < 0:
+        raise BadInput("--score-halflife must be >= 0")
+    if not score_halflife:
         return
-    cfg = engine.model.lola_config
-    if cfg is None:
-        raise BadInput("--score, --score-halflife and --recent-slots apply to LoLA mode only")
-    if recent_slots > cfg.sparse:
-        raise BadInput(f"--recent-slots {recent_slots} is more than the sparse cache's {cfg.sparse} slots")
-    cfg.score, cfg.score_halflife, cfg.recent_slots = score, score_halflife, recent_slots
+    if engine.model.lola_config is None:
+        raise BadInput("--score-halflife applies to LoLA mode only")
+    engine.model.lola_config.score_halflife = score_halflife
 
 
 def _setting(engine) -> str:
@@ -172,25 +159,19 @@ def _setting(engine) -> str:
     variant = "" if info.selection in (None, "head") else f", {info.selection} selection"
     variant += f", {info.sinks} sinks" if info.sinks else ""
     variant += f", state half-life {info.state_halflife}" if info.state_halflife else ""
-    score = getattr(engine.model.lola_config, "score", "error")
-    variant += f", score {score}" if score != "error" else ""
+    variant += f", score {info.score}" if info.score not in (None, "error") else ""
     score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
     variant += f", score half-life {score_halflife}" if score_halflife else ""
-    recent_slots = getattr(engine.model.lola_config, "recent_slots", 0)
-    variant += f", {recent_slots} recent slots" if recent_slots else ""
+    variant += f", {info.recent_slots} recent slots" if info.recent_slots else ""
     return f"{info.mode} (C={info.window}, λ={info.sparse}{variant}, mix {info.mix}, φ {info.phi_input})"
 
 
 def _describe(engine) -> dict:
-    """engine.describe(), plus the eviction score and its half-life when they are not the defaults."""
+    """engine.describe(), plus the eviction scores' half-life when it is set."""
     out = engine.describe()
-    score = getattr(engine.model.lola_config, "score", "error")
-    if score != "error":
-        out["score"] = score
-    for name in ("score_halflife", "recent_slots"):
-        value = getattr(engine.model.lola_config, name, 0)
-        if value:
-            out[name] = value
+    score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
+    if score_halflife:
+        out["score_halflife"] = score_halflife
     return out
 
 

@@ -27,6 +27,14 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--state-halflife", type=int, metavar="TOKENS",
                    help="the linear state's old contents fade to half over this many tokens (0 = never; "
                         "default: the model's manifest)")
+    g.add_argument("--score", choices=["error", "relative", "others"],
+                   help="how eviction ranks sparse-cache pairs: 'error' (self-recall error, DESIGN §4.4), 'others' "
+                        "(the error against the state with every other candidate folded in: no slots spent on "
+                        "near-copies) or 'relative' (error / value norm); default: the model's manifest, else error "
+                        "(docs/quality.md §11, §14)")
+    g.add_argument("--recent-slots", type=int, metavar="N",
+                   help="of the λ sparse-cache slots, N always hold the newest pairs and the rest go by score "
+                        "(default: the model's manifest, else 0; docs/quality.md §14)")
     g.add_argument("--feature-map", choices=["trained", "identity"],
                    help="'identity': LoLA with untrained identity-initialised maps (experimental)")
     g.add_argument("--exact", action="store_true", help="exact attention with a full KV cache (memory grows)")
@@ -72,7 +80,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
     sparse = args.sparse if args.sparse is not None else (lola["sparse"] if lola["sparse"] >= 0 else "auto")
     if args.exact:
         sparse = None
-    for name in ("window", "sparse", "max_distance", "sinks", "state_halflife"):
+    for name in ("window", "sparse", "max_distance", "sinks", "state_halflife", "recent_slots"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0")
@@ -90,6 +98,8 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
         selection=getattr(args, "selection", None),
         sinks=getattr(args, "sinks", None),
         state_halflife=getattr(args, "state_halflife", None),
+        score=getattr(args, "score", None),
+        recent_slots=getattr(args, "recent_slots", None),
         progress=progress,
         adapter=getattr(args, "adapter", None),
         quant=getattr(args, "quant", None) or runtime["quant"],

@@ -63,6 +63,7 @@ class EngineFactory:
             max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
             selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
             state_halflife=cfg.state_halflife if cfg else None, adapter_sha256=adapter.digest() if cfg else None,
+            score=cfg.score if cfg else None, recent_slots=cfg.recent_slots if cfg else None,
         )
         return Engine(net, self.tokenizer, info, self.stop_ids)
 
