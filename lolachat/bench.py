@@ -499,7 +499,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     info = EngineInfo(model=label, source="bench", weights_sha256="", mode="lola-identity", device=str(device),
                       dtype=str(dtype).removeprefix("torch."), window=lola_cfg.chunk, sparse=lola_cfg.sparse,
                       mix=lola_cfg.mix, max_distance=lola_cfg.max_distance, phi_input=lola_cfg.phi_input,
-                      quant=quant)
+                      score=lola_cfg.score, recent_slots=lola_cfg.recent_slots, quant=quant)
     engine = Engine(model, None, info, stop_ids=[])
     threads = torch.get_num_threads()
     result = {

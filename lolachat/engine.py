@@ -229,7 +229,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     `selection` ("head" or "group"; default: the manifest's, else "head") and `sinks` pick the sparse-cache
     variant; `state_halflife` (tokens; default: the manifest's, else 0 = never) fades the linear state;
     `score` and `recent_slots` set how eviction picks the λ pairs (lola.LolaConfig). The manifest's score and
-    recent slots belong to its memory: they apply only when window, λ and selection are all the manifest's,
+    recent slots belong to its memory: they apply only when window, λ and selection come out as the manifest's,
     else DESIGN §4.4's plain policy (self-recall error, no recent slots) does unless these arguments say otherwise.
     `quant="int8"` runs the linear layers with int8 weights (CPU); "auto" picks it where it pays (lolachat.quant).
     """
@@ -259,16 +259,23 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
 
     lola_defaults = local.manifest or {}  # catalog manifests carry window, sparse, selection, max_distance
     cfg = None
+    if adapter is None and (score or recent_slots):
+        raise BadInput("--score and --recent-slots apply to LoLA mode only")
     if adapter is not None:
-        eviction = lola_defaults if sparse == "auto" and not window and not selection else {}
-        cfg = _lola_config(
+        memory = {
             # the model's runtime choice first: an adapter's chunk is only the C it was trained with
-            chunk=window or lola_defaults.get("window") or adapter.metadata.get("chunk") or 64,
-            sparse=lola_defaults.get("sparse", 256) if sparse == "auto" else int(sparse),
+            "chunk": window or lola_defaults.get("window") or adapter.metadata.get("chunk") or 64,
+            "sparse": lola_defaults.get("sparse", 256) if sparse == "auto" else int(sparse),
+            "selection": selection or lola_defaults.get("selection", "head"),
+        }
+        own = {"chunk": lola_defaults.get("window"), "sparse": lola_defaults.get("sparse"),
+               "selection": lola_defaults.get("selection", "head")}
+        eviction = lola_defaults if memory == own else {}  # the manifest's eviction policy is for its memory only
+        cfg = _lola_config(
+            **memory,
             mix=mix or "lola",
             max_distance=max_distance or lola_defaults.get("max_distance") or max(1, args.max_position // 2),
             phi_input=adapter.phi_input,
-            selection=selection or lola_defaults.get("selection", "head"),
             sinks=sinks or 0,
             state_halflife=lola_defaults.get("state_halflife", 0) if state_halflife is None else state_halflife,
             score=score or eviction.get("score", "error"),

@@ -247,8 +247,8 @@ def worker(args) -> int:
         result["engine"] = engine.describe()
         result["adapter"] = None if adapter is None else str(adapter)
         lengths = [n for n in map(int, args.lengths.split(",")) if max_length is None or n <= max_length]
-        contexts = [n for n in map(int, (args.ppl_contexts or args.lengths).split(","))
-                    if max_length is None or n <= max_length]
+        every_context = [int(n) for n in (args.ppl_contexts or args.lengths).split(",")]
+        contexts = [n for n in every_context if max_length is None or n <= max_length]
         result["grid"] = {"lengths": lengths, "depths": DEPTHS, "ppl_aligned": args.ppl_aligned}
         save()
         texts = [("ppl", args.heldout)] + ([("ppl_doc", args.doc)] if args.doc else [])
@@ -259,7 +259,7 @@ def worker(args) -> int:
                     break
                 try:
                     r = perplexity(engine, ids, context, tail=512, samples=args.ppl_windows,
-                                   align_to=max(contexts) if args.ppl_aligned else None)
+                                   align_to=max(every_context) if args.ppl_aligned else None)
                     result[key][str(context)] = {"ppl": r["ppl"], "windows": r["windows"],
                                                  "per_window_ppl": r["per_window_ppl"]}
                 except Exception as err:  # e.g. out of memory for the teacher at long contexts

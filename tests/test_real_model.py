@@ -97,6 +97,7 @@ def test_manifest_eviction_policy_goes_with_the_manifest_memory(real_gguf):
         return cfg.score, cfg.recent_slots
 
     assert policy() == ("others", 96)
+    assert policy(sparse=384, window=256, selection="group") == ("others", 96)  # the manifest's memory, named
     assert policy(sparse=1024, window=64, selection="head") == ("error", 0)
     assert policy(sparse=1024, window=64, selection="head", recent_slots=512) == ("error", 512)
     assert policy(recent_slots=0, score="error") == ("error", 0)

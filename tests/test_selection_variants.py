@@ -214,3 +214,27 @@ def test_eval_cli_passes_score_into_engine_and_json(tmp_path, capsys):
     assert (engine["score"], engine["recent_slots"]) == ("error", 0) and "score_halflife" not in engine
     assert main(run + ["--recent-slots", "17"]) != 0
     assert "recent slots must be between 0 and the sparse cache size 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("selection", ["head", "group"])
+def test_recent_slots_hold_the_newest_evicted_pairs_in_the_cpu_engine(selection):
+    """LolaConfig.recent_slots reaches the CPU engine's eviction: after a prompt, every layer's sparse cache (per
+    selection head) holds the 6 newest pairs that left the window; without recent slots the score alone drops some."""
+    hf = gqa_model()
+    ids = tokens(hf.config.vocab_size, 150)
+
+    def newest_missing(recent_slots: int) -> int:
+        model = our_model(hf)
+        model.attach_lola(LolaConfig(chunk=C, sparse=16, selection=selection, recent_slots=recent_slots),
+                          random_adapters(model.args, seed=3))
+        with torch.no_grad():
+            mem = model.new_memory()
+            model(ids, mem)
+        missing = 0
+        for layer in mem.layers:
+            newest = set(range(layer.window_start - 6, layer.window_start))
+            missing += sum(len(newest - set(row)) for row in layer.sparse_pos[0].tolist())
+        return missing
+
+    assert newest_missing(6) == 0
+    assert newest_missing(0) > 0
