@@ -60,13 +60,19 @@ def test_greedy_run_answers_paris(real_gguf, tmp_path):
     assert "exact attention" in result.stderr  # no adapter given: says which mode it runs
 
 
-def test_default_alias_runs_lola_with_the_shipped_adapter(real_gguf):
+@pytest.fixture
+def default_alias(real_gguf) -> str:
+    """The catalog alias of the default model, pulled into LOLACHAT_HOME (.ci/run pulls it before the tests)."""
     from lolachat import store
 
     if store.find("smollm2-135m") is None:
         pytest.skip("smollm2-135m is not pulled into LOLACHAT_HOME")
+    return "smollm2-135m"
+
+
+def test_default_alias_runs_lola_with_the_shipped_adapter(default_alias):
     result = subprocess.run(
-        [sys.executable, "-m", "lolachat.cli", "run", "smollm2-135m", "What is the capital of France?",
+        [sys.executable, "-m", "lolachat.cli", "run", default_alias, "What is the capital of France?",
          "--temperature", "0", "--max-new-tokens", "32", "--json"],
         capture_output=True, text=True, timeout=300,
     )
@@ -82,18 +88,14 @@ def test_default_alias_runs_lola_with_the_shipped_adapter(real_gguf):
     assert "Paris" in out["reply"]
 
 
-def test_manifest_eviction_policy_goes_with_the_manifest_memory(real_gguf):
+def test_manifest_eviction_policy_goes_with_the_manifest_memory(default_alias):
     """The manifest's score and recent slots apply to its own window, λ and selection; another memory gets DESIGN
     §4.4's plain policy unless asked, and more recent slots than λ is refused with one message."""
     import lolachat
-    from lolachat import store
     from lolachat.errors import BadInput
 
-    if store.find("smollm2-135m") is None:
-        pytest.skip("smollm2-135m is not pulled into LOLACHAT_HOME")
-
     def policy(**options):
-        cfg = lolachat.load("smollm2-135m", device="cpu", pull=False, **options).model.lola_config
+        cfg = lolachat.load(default_alias, device="cpu", pull=False, **options).model.lola_config
         return cfg.score, cfg.recent_slots
 
     assert policy() == ("others", 96)
