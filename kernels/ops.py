@@ -118,8 +118,8 @@ def evict_compete(
     """See `reference.evict_compete`. Triton: three launches (scores, top-λ split, fold), one more for the
     group maximum when `group` > 1; the fade happens inside the scores and the fold. With `store_phi` the
     scores also store φ(k) (in a scratch cached per shape) and the fold reads the dropped rows' φ from it;
-    without, the fold recomputes their φ. A `score` other than "error" is computed from the stored φ by the
-    reference's PyTorch ops (on the same device)."""
+    without, the fold recomputes their φ. Other scores are computed from the stored φ: "others" by
+    `triton_eviction.others_scores`, "relative" by the reference's PyTorch ops (on the same device)."""
     if not use_triton(cand_v):
         return ref.evict_compete(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capacity, inv_freq,
                                  phi_input, group, score, fade, recency)
@@ -141,7 +141,9 @@ def _split_by_score(cand_k, cand_v, cand_pos, h_state, s_state, phi_weight, capa
     `recency` (ref.Recency) is PyTorch on the device, between the scores and the split."""
     scores = triton_eviction.recall_scores(cand_k, cand_pos, cand_v, h_state, s_state, phi_weight, inv_freq,
                                            phi_input == "post_rope", phi_out=phi, fade=fade)
-    if score != "error":
+    if score == "others":
+        scores = triton_eviction.others_scores(phi, cand_v, h_state, s_state, fade)
+    elif score != "error":
         faded = (h_state, s_state) if fade == 1.0 else (h_state * fade, s_state * fade)
         scores = ref.eviction_scores(phi, cand_v, *faded, score)
     scores = recency.apply(scores, cand_pos)

@@ -280,13 +280,33 @@ def keep_newest(scores: torch.Tensor, positions: torch.Tensor, slots: int) -> to
 @dataclass(frozen=True)
 class Recency:
     """How eviction favours recent pairs over the score alone: `halflife` discounts scores by age
-    (`age_discount`), `slots` of the λ always go to the newest candidates (`keep_newest`). Both 0 = DESIGN §4.4."""
+    (`age_discount`), `slots` of the λ always go to the newest candidates (`keep_newest`). Both 0 = DESIGN §4.4.
+    The heads in `exempt_heads` (indices into the scores' head dimension) take no recent slots: all their λ go
+    by score, for the heads that read facts back from far in the context (docs/quality.md §15)."""
 
     halflife: float = 0
     slots: int = 0
+    exempt_heads: tuple[int, ...] = ()
 
     def apply(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return keep_newest(age_discount(scores, positions, self.halflife), positions, self.slots)
+        aged = age_discount(scores, positions, self.halflife)
+        if not self.slots:
+            return aged
+        raised = keep_newest(aged, positions, self.slots)
+        for start, stop in consecutive_runs(self.exempt_heads):  # slices: no host-to-device copy in a CUDA graph
+            raised[:, start:stop] = aged[:, start:stop]
+        return raised
+
+
+def consecutive_runs(indices: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sorted distinct indices as [start, stop) runs: (0, 1, 2, 6, 7) -> [(0, 3), (6, 8)]."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 NO_RECENCY = Recency()

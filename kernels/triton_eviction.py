@@ -85,7 +85,8 @@ def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr
                    n_rows, n_heads, fade, d: tl.constexpr, f_half: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_FH: tl.constexpr, FROM_KEYS: tl.constexpr, ACT: tl.constexpr,
-                   POST_ROPE: tl.constexpr, TRIG: tl.constexpr, STORE_PHI: tl.constexpr):
+                   POST_ROPE: tl.constexpr, TRIG: tl.constexpr, STORE_PHI: tl.constexpr,
+                   LEAVE_ONE_OUT: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     h = pid_bh % n_heads
@@ -107,7 +108,12 @@ def _recall_kernel(phi_ptr, k_ptr, pos_ptr, v_ptr, h_ptr, s_ptr, w_ptr, invf_ptr
     state = pid_bh * 2 * f_half
     num, den = linear_readout(phi_a, phi_b, h_ptr + state * d, s_ptr + state, f_half, d, BLOCK_FH, BLOCK_D)
     v = load_rows(v_ptr + head_rows * d, n, d, n_valid, d, BLOCK_D)
-    err = v - (num * fade) / (den * fade + RECALL_EPS)[:, None]
+    num, den = num * fade, den * fade
+    if LEAVE_ONE_OUT:  # the state holds every candidate: take the row's own φφᵀ share back out
+        self_dot = tl.sum(phi_a * phi_a, axis=1) + tl.sum(phi_b * phi_b, axis=1)
+        num -= self_dot[:, None] * v
+        den = tl.maximum(den - self_dot, 0.0)
+    err = v - num / (den + RECALL_EPS)[:, None]
     tl.store(out_ptr + head_rows + n, tl.sqrt(tl.sum(err * err, axis=1)), mask=n_valid)
 
 
@@ -307,7 +313,7 @@ def hedgehog(x: torch.Tensor, weight: torch.Tensor, block_t: int = 32, out=None)
 
 
 def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out=None, block_n=32,
-            num_warps=4, phi_out=None, fade=1.0):
+            num_warps=4, phi_out=None, fade=1.0, leave_one_out=False):
     _check_state(h_state, s_state)
     b, n_heads, n, d = values.shape
     f_half = h_state.shape[2] // 2
@@ -327,7 +333,7 @@ def _recall(phi_k, keys, positions, values, h_state, s_state, weight, inv_freq, 
         f_half,
         BLOCK_N=block_n, BLOCK_DH=block(d // 2), BLOCK_D=block(d), BLOCK_FH=block(f_half),
         FROM_KEYS=from_keys, ACT=act_code(keys.dtype) if from_keys else 0, POST_ROPE=post_rope,
-        TRIG=trig_mode(None), STORE_PHI=phi_out is not None, num_warps=num_warps,
+        TRIG=trig_mode(None), STORE_PHI=phi_out is not None, LEAVE_ONE_OUT=leave_one_out, num_warps=num_warps,
     )
     return out
 
@@ -351,6 +357,18 @@ def recall_scores(keys, positions, values, h_state, s_state, weight, inv_freq=No
         raise ValueError("phi_out must be a contiguous float32 [B,H,N,F] tensor")
     return _recall(None, keys, positions, values, h_state, s_state, weight, inv_freq, post_rope, out,
                    phi_out=phi_out, fade=fade)
+
+
+def others_scores(phi_k, values, h_state, s_state, fade: float = 1.0, out=None) -> torch.Tensor:
+    """Triton version of `reference.eviction_scores(..., "others")` against the state faded by `fade`: every
+    candidate folded into a copy of the state (a scratch cached per shape, like `phi_scratch`), then each
+    candidate's error against it with its own share taken back out. Four launches where the PyTorch ops take
+    about fifteen, which on the GPU engine's prefill (one eviction per layer and chunk) were launch-bound."""
+    h_all, s_all = _state_scratch(h_state, s_state)
+    h_all.copy_(h_state)
+    s_all.copy_(s_state)
+    _fold(phi_k, None, None, values, None, h_all, s_all, None, None, False, fade=fade)
+    return _recall(phi_k, None, None, values, h_all, s_all, None, None, False, out, leave_one_out=True)
 
 
 def _fold(phi_k, keys, positions, values, index, h_state, s_state, weight, inv_freq, post_rope,
@@ -434,6 +452,16 @@ def fold_keys(keys, positions, values, index, h_state, s_state, weight, inv_freq
 
 
 _PHI_SCRATCH: dict[tuple, torch.Tensor] = {}
+_STATE_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _state_scratch(h_state: torch.Tensor, s_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 (H, s) pair shaped as the given state, cached per shape (allocated before any graph capture)."""
+    key = (str(h_state.device), *h_state.shape)
+    if key not in _STATE_SCRATCH:
+        _STATE_SCRATCH[key] = (torch.empty_like(h_state, dtype=torch.float32),
+                               torch.empty_like(s_state, dtype=torch.float32))
+    return _STATE_SCRATCH[key]
 
 
 def phi_scratch(rows: tuple[int, int, int], features: int, device) -> torch.Tensor:

@@ -474,7 +474,7 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Measure every engine at every length; returns the JSON-ready result."""
-    from lolachat.engine import Engine, EngineInfo, resolve_device, resolve_dtype
+    from lolachat.engine import Engine, EngineInfo, memory_info, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -497,9 +497,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         note = "the model's own weights (dequantized) in " + str(dtype).removeprefix("torch.")
     lola_cfg = attach_identity(model, cfg.chunk, cfg.sparse)
     info = EngineInfo(model=label, source="bench", weights_sha256="", mode="lola-identity", device=str(device),
-                      dtype=str(dtype).removeprefix("torch."), window=lola_cfg.chunk, sparse=lola_cfg.sparse,
-                      mix=lola_cfg.mix, max_distance=lola_cfg.max_distance, phi_input=lola_cfg.phi_input,
-                      score=lola_cfg.score, recent_slots=lola_cfg.recent_slots, quant=quant)
+                      dtype=str(dtype).removeprefix("torch."), **memory_info(lola_cfg), quant=quant)
     engine = Engine(model, None, info, stop_ids=[])
     threads = torch.get_num_threads()
     result = {

@@ -89,6 +89,17 @@ class EngineInfo:
     quant: str = "none"  # "int8": weight-only int8 linear layers (lolachat.quant)
 
 
+MEMORY_FIELDS = ("window", "sparse", "mix", "max_distance", "phi_input", "selection", "sinks", "state_halflife",
+                 "score", "recent_slots")
+
+
+def memory_info(cfg: LolaConfig | None) -> dict:
+    """EngineInfo's fields that describe the LoLA memory `cfg`: all None in exact mode (cfg None)."""
+    if cfg is None:
+        return dict.fromkeys(MEMORY_FIELDS)
+    return {name: getattr(cfg, "chunk" if name == "window" else name) for name in MEMORY_FIELDS}
+
+
 class Engine:
     def __init__(self, model: Llama, tokenizer, info: EngineInfo, stop_ids: list[int]):
         self.model = model
@@ -287,12 +298,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     tokenizer = load_tokenizer(local.weights)
     info = EngineInfo(
         model=local.name, source=local.source, weights_sha256=loaded.weights_sha256, mode=mode,
-        device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-        window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
-        selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
-        state_halflife=cfg.state_halflife if cfg else None, adapter_sha256=adapter.digest() if cfg else None,
-        score=cfg.score if cfg else None, recent_slots=cfg.recent_slots if cfg else None,
-        max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None, quant=quant,
+        device=str(dev), dtype=str(torch_dtype).removeprefix("torch."), **memory_info(cfg),
+        adapter_sha256=adapter.digest() if cfg else None, quant=quant,
     )
     stop_ids = sorted(set(args.eos_ids) | set(end_of_turn_ids(tokenizer)))
     return Engine(net, tokenizer, info, stop_ids)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lolachat.kernels import ops
+from lolachat.kernels.reference import Recency
 from lolachat.lola import LolaConfig
 from lolachat.model import Llama, ModelMemory
 from lolachat.sampling import SamplingOptions
@@ -339,7 +340,7 @@ class StaticDecoder:
                                      (layer.sparse_k_buf, layer.sparse_v_buf, layer.sparse_pos_buf), layer.window_k,
                                      layer.window_v, *(next_kv or (None, None)), group=layer.group,
                                      score=self.cfg.score, fade=self.cfg.state_fade(),
-                                     recency=self.cfg.recency())
+                                     recency=self.cfg.recency(i, layer.group))
                 return m - lam
             ops.evict_compete(*(t[:, :, :m] for t in cand), layer.h, layer.s, self.phi_k[i], lam, self.inv_freq,
                               self.cfg.phi_input, fade=self.cfg.state_fade())  # λ = 0: every pair folds
@@ -443,8 +444,13 @@ class StaticDecoder:
         ops.assemble_candidates(*sparse, lam, window_k, window_v, mem.window_start, *cand)
         keep = ops.evict_compete(*cand, h_state, s_state, self.phi_k_stacked, lam, self.inv_freq, self.cfg.phi_input,
                                  group=mem.layers[0].group, store_phi=False, fade=self.cfg.state_fade(),
-                                 recency=self.cfg.recency())
+                                 recency=self._all_layers_recency(mem.layers[0].group))
         ops.keep_and_shift(*cand, keep, *sparse, window_k, window_v)
+
+    def _all_layers_recency(self, group: int) -> Recency:
+        """cfg.recency for the [1, L·H] view of every layer's heads: layer i's head h is head i·H + h."""
+        exempt = tuple(i * self.n_heads + h for i in range(len(self.blocks)) for h in self.cfg.exempt_heads(i, group))
+        return self.cfg.recency(exempt=exempt)
 
     def _block_body(self, mem: StaticMemory, kc: int) -> None:
         """A block of kc whole chunks from the steady state: every layer, every chunk, every eviction."""

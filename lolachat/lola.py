@@ -8,6 +8,7 @@ for models without an adapter.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,27 @@ from lolachat.lola_decode import SingleTokenAttention
 
 SCORES = ref.EVICTION_SCORES
 eviction_scores = ref.eviction_scores  # "error" (DESIGN §4.4), "relative", "others": docs/quality.md §11
+
+
+def parse_head_names(names) -> tuple[tuple[int, int], ...]:
+    """["L17H3", ...] -> ((17, 3), ...): query heads by layer and head number, as scripts/retrieval_heads.py
+    prints them. ValueError on any other form."""
+    heads = []
+    for name in names:
+        match = re.fullmatch(r"L(\d+)H(\d+)", str(name).strip())
+        if not match:
+            raise ValueError(f"a head is named L<layer>H<head>, e.g. L17H3, not {name!r}")
+        heads.append((int(match[1]), int(match[2])))
+    return tuple(sorted(set(heads)))
+
+
+def head_names(heads) -> list[str]:
+    return [f"L{layer}H{head}" for layer, head in heads]
+
+
+def heads_outside(heads, n_layers: int, n_heads: int) -> list[str]:
+    """The names of the (layer, head)s that a model of n_layers × n_heads query heads does not have."""
+    return head_names((layer, head) for layer, head in heads if layer >= n_layers or head >= n_heads)
 
 
 @dataclass
@@ -34,6 +56,7 @@ class LolaConfig:
     score: str = "error"  # eviction score: self-recall "error" (DESIGN §4.4), "relative" or "others" (eviction_scores)
     score_halflife: int = 0  # eviction scores × 0.5^(age / this), in tokens (reference.age_discount); 0 = off
     recent_slots: int = 0  # of the λ slots, this many always hold the newest pairs (reference.keep_newest); 0 = off
+    retrieval_heads: tuple[tuple[int, int], ...] = ()  # (layer, query head)s that take no recent slots (§15)
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -56,10 +79,22 @@ class LolaConfig:
             raise ValueError(f"recent slots must be between 0 and the sparse cache size {self.sparse}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
+        if any(layer < 0 or head < 0 for layer, head in self.retrieval_heads):
+            raise ValueError("retrieval heads must have layer and head numbers >= 0")
 
-    def recency(self) -> ref.Recency:
-        """How eviction favours recent pairs beside the score (score_halflife, recent_slots)."""
-        return ref.Recency(self.score_halflife, self.recent_slots)
+    def recency(self, layer: int | None = None, group: int = 1, exempt: tuple[int, ...] | None = None) -> ref.Recency:
+        """How eviction favours recent pairs beside the score (score_halflife, recent_slots), in `layer` (None:
+        every head alike) whose selection heads each serve `group` query heads; `exempt` gives the spared heads'
+        indices instead (for a view of several layers' heads)."""
+        if exempt is None:
+            exempt = () if layer is None else self.exempt_heads(layer, group)
+        return ref.Recency(self.score_halflife, self.recent_slots, exempt)
+
+    def exempt_heads(self, layer: int, group: int = 1) -> tuple[int, ...]:
+        """The query heads of `layer` whose λ slots all go by score: its retrieval heads and, when `group` query
+        heads share one selection, every head of their group (a shared selection keeps what any head raises)."""
+        return tuple(sorted({head // group * group + j for at, head in self.retrieval_heads if at == layer
+                             for j in range(group)}))
 
     def state_fade(self) -> float:
         """Factor on H and s at each eviction that folds (once per C tokens): 1 when the state never fades.
@@ -289,8 +324,11 @@ class LolaLayerMemory:
 class LolaAttention:
     """Runs queries of one layer against its LoLA memory; stateless apart from the memory it is given."""
 
-    def __init__(self, cfg: LolaConfig, adapter: LayerAdapter, rope: Rope, scale: float):
+    def __init__(self, cfg: LolaConfig, adapter: LayerAdapter, rope: Rope, scale: float, layer: int | None = None):
+        if layer is None and cfg.retrieval_heads:
+            raise ValueError("retrieval heads need the layer's index in the model")
         self.cfg = cfg
+        self.layer = layer  # index in the model: which of cfg.retrieval_heads are this layer's
         self.adapter = adapter
         self.rope = rope
         self.scale = scale
@@ -410,7 +448,8 @@ class LolaAttention:
         group = mem.h.shape[1] // cand_k.shape[1]
         k_heads, v_heads, pos_heads = (expand_heads(x, group) for x in (cand_k, cand_v, cand_pos))
         phi_k = self.phi(k_heads, pos_heads, self.adapter.phi_k)
-        scores = self.cfg.recency().apply(eviction_scores(phi_k, v_heads, mem.h, mem.s, self.cfg.score), pos_heads)
+        recency = self.cfg.recency(self.layer, group)
+        scores = recency.apply(eviction_scores(phi_k, v_heads, mem.h, mem.s, self.cfg.score), pos_heads)
         keep, drop = ref.select_keep(ref.group_scores(scores, group), self.cfg.sparse)
         drop = expand_heads(drop, group)
         ref.fold(ref.gather_tokens(phi_k, drop), ref.gather_tokens(v_heads, drop), mem.h, mem.s)

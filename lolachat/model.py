@@ -21,6 +21,7 @@ from lolachat.lola import (
     LolaLayerMemory,
     Rope,
     exact_attend,
+    heads_outside,
 )
 from lolachat.model_args import ModelArgs
 
@@ -164,11 +165,15 @@ class Llama(nn.Module):
         if len(adapters) != self.args.n_layers:
             raise ValueError(f"adapter has {len(adapters)} layers, model has {self.args.n_layers}")
         scale = 1.0 / math.sqrt(self.args.head_dim)
-        for block, adapter in zip(self.model.layers, adapters):
+        outside = heads_outside(cfg.retrieval_heads, self.args.n_layers, self.args.n_heads)
+        if outside:
+            raise ValueError(f"retrieval heads {', '.join(outside)} are not in a model of {self.args.n_layers} "
+                             f"layers of {self.args.n_heads} heads")
+        for i, (block, adapter) in enumerate(zip(self.model.layers, adapters)):
             device = block.input_layernorm.weight.device
             moved = LayerAdapter(adapter.phi_q.to(device), adapter.phi_k.to(device),
                                  adapter.window_factor.to(device))
-            block.self_attn.lola = LolaAttention(cfg, moved, self.rope, scale)
+            block.self_attn.lola = LolaAttention(cfg, moved, self.rope, scale, layer=i)
         self.lola_config = cfg
         self.adapter_feature_dim = adapters[0].feature_dim
 

@@ -35,13 +35,12 @@ def random_engine(shape: str, device: torch.device):
     """A bf16 engine on random weights of `shape`, LoLA C=64, λ=256 as `lolachat bench`; its static decoder
     with CUDA graphs on."""
     from lolachat import bench
-    from lolachat.engine import Engine, EngineInfo
+    from lolachat.engine import Engine, EngineInfo, memory_info
 
     model = bench.random_model(shape, device, torch.bfloat16)
     cfg = bench.attach_identity(model, chunk=64, sparse=256)
     info = EngineInfo(model=shape, source="random", weights_sha256="", mode="lola", device=str(device),
-                      dtype="bfloat16", window=cfg.chunk, sparse=cfg.sparse, mix=cfg.mix,
-                      max_distance=cfg.max_distance, phi_input=cfg.phi_input)
+                      dtype="bfloat16", **memory_info(cfg))
     engine = Engine(model, None, info, stop_ids=[])
     decoder = engine.static_decoder()
     decoder.graphs = True

@@ -225,7 +225,7 @@ def part_profile(args, out: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from lolachat.bench import attach_identity, random_model
-    from lolachat.engine import Engine, EngineInfo
+    from lolachat.engine import Engine, EngineInfo, memory_info
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -253,8 +253,7 @@ def part_profile(args, out: Path) -> None:
     model = random_model("tiny" if quick else "llama-3.1-8b", device, dtype)
     cfg = attach_identity(model, chunk=64, sparse=256)
     info = EngineInfo(model="8b-shape", source="random", weights_sha256="", mode="lola", device=str(device),
-                      dtype=str(dtype), window=cfg.chunk, sparse=cfg.sparse, mix=cfg.mix,
-                      max_distance=cfg.max_distance, phi_input=cfg.phi_input)
+                      dtype=str(dtype), **memory_info(cfg))
     os.environ["LOLACHAT_STATIC"] = "1"  # the CPU smoke run profiles the same decoder
     engine = Engine(model, None, info, stop_ids=[])
     decoder = engine.static_decoder()
@@ -293,7 +292,7 @@ def part_tokens(args, out: Path, deadline: float) -> None:
     import torch
 
     from lolachat.adapter import load_adapter
-    from lolachat.engine import Engine, EngineInfo
+    from lolachat.engine import Engine, EngineInfo, memory_info
     from lolachat.lola import LolaConfig
     from lolachat.model import Llama
     from lolachat.tokenizer import load_tokenizer
@@ -327,8 +326,7 @@ def part_tokens(args, out: Path, deadline: float) -> None:
         if with_lola:
             model.attach_lola(lola, adapter.layers)
         info = EngineInfo(model="smollm2", source="check", weights_sha256="", mode="lola" if with_lola else "exact",
-                          device=device, dtype=str(dtype), window=64, sparse=256, mix="lola",
-                          max_distance=lola.max_distance, phi_input=lola.phi_input)
+                          device=device, dtype=str(dtype), **memory_info(lola if with_lola else None))
         return Engine(model, tokenizer, info, stop_ids=[])
 
     def greedy_cpu(engine: Engine) -> dict:

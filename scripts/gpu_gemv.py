@@ -211,7 +211,7 @@ def tune_role(result: dict, row: dict, case: Case, device, deadline: float, smok
 def decode(result: dict, shape_name: str, device, deadline: float, smoke: bool, steps: int) -> None:
     """Decode tok/s of the GPU engine, fused GEMVs on and off, interleaved; the GEMV chain beside them."""
     from lolachat import bench
-    from lolachat.engine import Engine, EngineInfo
+    from lolachat.engine import Engine, EngineInfo, memory_info
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = bench.random_model("tiny" if smoke else shape_name, torch.device(device), dtype)
@@ -219,8 +219,7 @@ def decode(result: dict, shape_name: str, device, deadline: float, smoke: bool, 
     gemv = bench.gemv_chain(model)
     row = {"shape": shape_name, "gemv_chain_tok_s": gemv.get("tok_s"), "gemv": gemv, "fused": [], "separate": []}
     info = EngineInfo(model=shape_name, source="random", weights_sha256="", mode="lola", device=device,
-                      dtype=str(dtype), window=cfg.chunk, sparse=cfg.sparse, mix=cfg.mix,
-                      max_distance=cfg.max_distance, phi_input=cfg.phi_input)
+                      dtype=str(dtype), **memory_info(cfg))
     os.environ["LOLACHAT_STATIC"] = "1"
     prompt = bench.random_ids(256 if smoke else 2048, model.args.vocab_size)
     runs = {}

@@ -82,6 +82,25 @@ SETTINGS = {
                                      "recent_slots": 160},
     "C=64 λ=256 others recent 128 half-life 4K": {"window": 64, "sparse": 256, "state_halflife": 4096,
                                                   "score": "others", "recent_slots": 128},
+    "C=256 λ=384 group others recent 128": {"window": 256, "sparse": 384, "selection": "group", "state_halflife": 8192,
+                                            "score": "others", "recent_slots": 128},
+    "C=256 λ=384 group others recent 160": {"window": 256, "sparse": 384, "selection": "group", "state_halflife": 8192,
+                                            "score": "others", "recent_slots": 160},
+    "C=64 λ=256 others recent 144": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others",
+                                     "recent_slots": 144},
+    # recent slots everywhere but in the teacher's retrieval heads (share of the needle's value >= 0.3 or 0.1;
+    # scripts/retrieval_heads.py), whose λ slots all go by score (docs/quality.md §15)
+    "C=64 λ=256 others recent 192 heads≥0.3": {"window": 64, "sparse": 256, "state_halflife": 8192,
+                                               "score": "others", "recent_slots": 192, "retrieval_share": 0.3},
+    "C=64 λ=256 others recent 224 heads≥0.3": {"window": 64, "sparse": 256, "state_halflife": 8192,
+                                               "score": "others", "recent_slots": 224, "retrieval_share": 0.3},
+    "C=64 λ=256 others recent 192 heads≥0.1": {"window": 64, "sparse": 256, "state_halflife": 8192,
+                                               "score": "others", "recent_slots": 192, "retrieval_share": 0.1},
+    "C=64 λ=256 others recent 256 heads≥0.1": {"window": 64, "sparse": 256, "state_halflife": 8192,
+                                               "score": "others", "recent_slots": 256, "retrieval_share": 0.1},
+    "C=256 λ=384 group others recent 192 heads≥0.3": {"window": 256, "sparse": 384, "selection": "group",
+                                                      "state_halflife": 8192, "score": "others",
+                                                      "recent_slots": 192, "retrieval_share": 0.3},
     # the "others" score of docs/quality.md §11 (per-head λ = 256 at 2K)
     "C=64 λ=256 others": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others"},
     # the same with --alt-adapter
@@ -96,6 +115,14 @@ SETTINGS = {
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
 DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]
 ADAPTER = ROOT / "models" / "smollm2-135m.lola.safetensors"
+RETRIEVAL_HEADS = ROOT / "docs" / "runs" / "retrieval-heads-smollm2-135m.json"  # scripts/retrieval_heads.py
+
+
+def retrieval_heads(min_share: float) -> tuple[tuple[int, int], ...]:
+    """The teacher's heads whose attention share on the needle's value is at least `min_share`."""
+    shares = json.loads(RETRIEVAL_HEADS.read_text())["shares"]
+    return tuple((layer, head) for layer, row in enumerate(shares) for head, share in enumerate(row)
+                 if share >= min_share)
 
 
 def main() -> int:
@@ -225,6 +252,7 @@ def worker(args) -> int:
     from lolachat.evals.engines import EngineFactory
     from lolachat.evals.passkey import run_passkey
     from lolachat.evals.ppl import perplexity
+    from lolachat.lola import head_names
 
     name = args.worker
     shard = tuple(int(x) for x in args.shard.split("/"))
@@ -242,9 +270,11 @@ def worker(args) -> int:
                 raise ValueError(f"setting {name!r} needs --alt-adapter")
             adapter = args.alt_adapter
         max_length = kwargs.pop("max_length", None)
+        if "retrieval_share" in kwargs:
+            kwargs["retrieval_heads"] = retrieval_heads(kwargs.pop("retrieval_share"))
         factory = EngineFactory(args.model, device=args.device)
         engine = factory.build(adapter, **kwargs)
-        result["engine"] = engine.describe()
+        result["engine"] = engine.describe() | {"retrieval_heads": head_names(kwargs.get("retrieval_heads", ()))}
         result["adapter"] = None if adapter is None else str(adapter)
         lengths = [n for n in map(int, args.lengths.split(",")) if max_length is None or n <= max_length]
         every_context = [int(n) for n in (args.ppl_contexts or args.lengths).split(",")]

@@ -132,8 +132,10 @@ def test_prompt_tail_runs_in_smaller_blocks(small_blocks, monkeypatch):
     assert list(dec.generate(mem, logits, 20, GREEDY)) == want_tokens
 
 
-@pytest.mark.parametrize(("halflife", "recency"), [(0, {}), (20, {"score_halflife": 40}), (0, {"recent_slots": 6})],
-                         ids=["plain", "halflives", "recent-slots"])
+@pytest.mark.parametrize(("halflife", "recency"), [
+    (0, {}), (20, {"score_halflife": 40}), (0, {"recent_slots": 6}),
+    (0, {"recent_slots": 10, "retrieval_heads": ((0, 1), (1, 4))})],
+    ids=["plain", "halflives", "recent-slots", "retrieval-heads"])
 def test_block_body_through_the_triton_kernels_matches_cpu_engine(halflife, recency, small_blocks, monkeypatch):
     """The same steady-state blocks with every op on its Triton kernel (interpreted on the CPU): attention,
     eviction, its data movement and the norms, as the GPU runs them; then decode steps through the fused
@@ -163,11 +165,13 @@ def test_block_body_through_the_triton_kernels_matches_cpu_engine(halflife, rece
     ("relative", "head", {}), ("others", "head", {}), ("others", "group", {}),
     ("error", "head", {"score_halflife": 40}), ("error", "group", {"score_halflife": 40}),
     ("others", "head", {"score_halflife": 40}),
-    ("error", "head", {"recent_slots": 6}), ("error", "group", {"recent_slots": 6, "score_halflife": 40})])
+    ("error", "head", {"recent_slots": 6}), ("error", "group", {"recent_slots": 6, "score_halflife": 40}),
+    ("others", "group", {"recent_slots": 10, "retrieval_heads": ((1, 2),)}),
+    ("error", "group", {"recent_slots": 10, "retrieval_heads": ((0, 4), (1, 1))})])
 def test_eviction_scores_match_cpu_engine(score, selection, recency, small_blocks, monkeypatch):
     """The eviction scores beside the self-recall error, scores discounted by age, and slots held by the newest
-    pairs keep on the static decoder what the CPU engine keeps: prefill blocks, decode evictions (layer by layer,
-    except the default score's all-layer eviction)."""
+    pairs (none in the retrieval heads) keep on the static decoder what the CPU engine keeps: prefill blocks,
+    decode evictions (layer by layer, except the default score's all-layer eviction)."""
     _, ref, mine = pair(16, score=score, selection=selection, **recency)
     ids = tokens(97, 157, seed=9)
     want, want_tokens, _ = reference_run(ref, ids, 120, 30)

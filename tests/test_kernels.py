@@ -198,6 +198,24 @@ def test_self_recall_error(dims):
     assert rel_err(triton_eviction.self_recall_error(phi, v, h_state, s_state, out=out), want) < 1e-4
 
 
+@pytest.mark.parametrize("fade", [1.0, 0.7])
+@pytest.mark.parametrize("dims", [(1, 2, 40, 16, 32), (2, 3, 37, 24, 24), (1, 2, 80, 64, 128)])
+def test_others_scores(dims, fade):
+    """The leave-one-out score in four launches equals the reference's PyTorch ops against the faded state, and
+    leaves the state as it was."""
+    b, h, n, d, f = dims
+    draw = Draw(n + 2)
+    phi = draw.uniform(b, h, n, f).softmax(-1)
+    v = draw.normal(b, h, n, d, dtype=torch.bfloat16)
+    h_state, s_state = state(draw, b, h, f, d)
+    before = h_state.clone(), s_state.clone()
+    want = ref.eviction_scores(phi, v, h_state * fade, s_state * fade, "others")
+    got = triton_eviction.others_scores(phi, v, h_state, s_state, fade)
+    assert rel_err(got, want) < 1e-4
+    assert rel_err(got, ref.eviction_scores(phi, v, h_state * fade, s_state * fade, "error")) > 1e-3
+    assert torch.equal(h_state, before[0]) and torch.equal(s_state, before[1])
+
+
 @pytest.mark.parametrize("dims", [(1, 2, 40, 16, 32), (2, 3, 37, 24, 24), (1, 2, 80, 128, 128)])
 def test_fold(dims):
     b, h, n, d, f = dims
@@ -394,6 +412,18 @@ def test_keep_newest_raises_the_newest_candidates_of_each_head():
     assert ref.keep_newest(scores, positions, 0) is scores
     keep, _ = ref.select_keep(ref.keep_newest(scores, positions, 2), 3)
     assert keep.tolist() == [[[0, 1, 3], [0, 2, 3]]]  # two newest, then the best score of the rest
+
+
+def test_recency_spares_the_exempt_heads_from_recent_slots():
+    """Recency.exempt_heads: those heads keep their scores (all λ by score), the others get the newest raised."""
+    scores = torch.tensor([[5.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]).view(1, 3, 4)
+    positions = torch.tensor([[10, 40, 20, 30], [70, 50, 60, 80], [1, 2, 3, 4]]).view(1, 3, 4)
+    got = ref.Recency(slots=2, exempt_heads=(1,)).apply(scores, positions)
+    want = ref.keep_newest(scores, positions, 2)
+    want[:, 1] = scores[:, 1]
+    torch.testing.assert_close(got, want)
+    assert torch.isinf(got[:, [0, 2]]).sum() == 4
+    torch.testing.assert_close(ref.Recency(exempt_heads=(1,)).apply(scores, positions), scores)
 
 
 @pytest.mark.parametrize("group", [1, 2])

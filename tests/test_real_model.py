@@ -83,7 +83,7 @@ def test_default_alias_runs_lola_with_the_shipped_adapter(default_alias):
     engine = out["engine"]
     # the manifest's settings, and the shipped adapter's identity (sessions check it)
     memory = ("mode", "window", "sparse", "selection", "state_halflife", "score", "recent_slots")
-    assert tuple(engine[k] for k in memory) == ("lola", 256, 384, "group", 8192, "others", 96)
+    assert tuple(engine[k] for k in memory) == ("lola", 256, 384, "group", 8192, "others", 128)
     assert len(engine["adapter_sha256"]) == 16
     assert "Paris" in out["reply"]
 
@@ -98,8 +98,8 @@ def test_manifest_eviction_policy_goes_with_the_manifest_memory(default_alias):
         cfg = lolachat.load(default_alias, device="cpu", pull=False, **options).model.lola_config
         return cfg.score, cfg.recent_slots
 
-    assert policy() == ("others", 96)
-    assert policy(sparse=384, window=256, selection="group") == ("others", 96)  # the manifest's memory, named
+    assert policy() == ("others", 128)
+    assert policy(sparse=384, window=256, selection="group") == ("others", 128)  # the manifest's memory, named
     assert policy(sparse=1024, window=64, selection="head") == ("error", 0)
     assert policy(sparse=1024, window=64, selection="head", recent_slots=512) == ("error", 512)
     assert policy(recent_slots=0, score="error") == ("error", 0)

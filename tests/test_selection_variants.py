@@ -21,7 +21,7 @@ from test_selection import one_layer as selection_layer
 from tiny import our_model, random_adapters
 
 from lolachat.cli import main
-from lolachat.lola import LolaAttention, LolaConfig, eviction_scores, expand_heads
+from lolachat.lola import LolaAttention, LolaConfig, eviction_scores, expand_heads, head_names, parse_head_names
 
 SCORES = ["relative", "others"]
 
@@ -238,3 +238,75 @@ def test_recent_slots_hold_the_newest_evicted_pairs_in_the_cpu_engine(selection)
 
     assert newest_missing(6) == 0
     assert newest_missing(0) > 0
+
+
+def test_exempt_heads_cover_the_whole_selection_group():
+    """A retrieval head spares its own layer only, and with group selection every query head of its KV group
+    (they share one selection, which keeps whatever any of them raises)."""
+    cfg = LolaConfig(sparse=16, recent_slots=4, retrieval_heads=((2, 4), (2, 0), (5, 8)))
+    assert cfg.exempt_heads(2) == (0, 4)
+    assert cfg.exempt_heads(2, group=3) == (0, 1, 2, 3, 4, 5)
+    assert cfg.exempt_heads(3, group=3) == ()
+    assert cfg.recency(5, 3) == ref.Recency(0, 4, (6, 7, 8))
+    assert cfg.recency() == ref.Recency(0, 4, ())
+    assert parse_head_names(["L5H8", " L2H0", "L2H0"]) == ((2, 0), (5, 8))
+    assert head_names(((2, 0), (5, 8))) == ["L2H0", "L5H8"]
+    for bad in ("L2", "2:0", "L-1H2", "H2L1"):
+        with pytest.raises(ValueError, match="L<layer>H<head>"):
+            parse_head_names([bad])
+
+
+@pytest.mark.parametrize("selection", ["head", "group"])
+def test_retrieval_heads_keep_every_slot_by_score_in_the_cpu_engine(selection):
+    """LolaConfig.retrieval_heads reaches the CPU engine's eviction: with every λ slot held for recent pairs, a
+    retrieval head's selection (and with group selection its whole KV group's) is still the plain score's, and
+    every other head holds exactly the newest pairs."""
+    hf = gqa_model()
+    ids = tokens(hf.config.vocab_size, 150)
+    group = HEADS // KV_HEADS if selection == "group" else 1
+
+    def run(**policy) -> list:
+        model = our_model(hf)
+        model.attach_lola(LolaConfig(chunk=C, sparse=16, selection=selection, **policy),
+                          random_adapters(model.args, seed=3))
+        with torch.no_grad():
+            mem = model.new_memory()
+            model(ids, mem)
+        return mem.layers
+
+    plain = run()
+    spared = run(recent_slots=16, retrieval_heads=((0, 2),))  # layer 0: its inputs do not depend on the policy
+    selection_head = 2 // group  # the row of the sparse cache that head 2's selection fills
+    for i, (want, got) in enumerate(zip(plain, spared)):
+        for row in range(got.sparse_pos.shape[1]):
+            kept = got.sparse_pos[0, row].sort().values
+            if i == 0 and row == selection_head:
+                assert torch.equal(kept, want.sparse_pos[0, row].sort().values)
+            else:
+                newest = torch.arange(got.window_start - 16, got.window_start)
+                assert torch.equal(kept, newest)
+    assert not torch.equal(plain[0].sparse_pos[0, selection_head].sort().values,
+                           torch.arange(plain[0].window_start - 16, plain[0].window_start))
+
+
+def test_eval_cli_sets_retrieval_heads(tmp_path, capsys):
+    from test_evals import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "model")
+    out = tmp_path / "pk.json"
+    run = ["eval", "passkey", str(folder), "--feature-map", "identity", "--lengths", "300", "--depths", "50%",
+           "--samples", "1", "--max-new-tokens", "3", "--device", "cpu", "--window", "16", "--sparse", "16",
+           "--recent-slots", "8", "--out", str(out)]
+    assert main(run + ["--retrieval-heads", "L1H0,L0H1"]) == 0
+    assert "8 recent slots (none in 2 retrieval heads)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["engine"]["retrieval_heads"] == ["L0H1", "L1H0"]
+    assert main(run + ["--retrieval-heads", "L1H0,17"]) != 0
+    assert "bad --retrieval-heads: a head is named L<layer>H<head>" in capsys.readouterr().err
+    assert main(run + ["--retrieval-heads", "L0H99"]) != 0
+    assert "--retrieval-heads L0H99:" in capsys.readouterr().err
+    no_recent = [arg for arg in run if arg not in ("--recent-slots", "8")]
+    assert main(no_recent + ["--retrieval-heads", "L0H1"]) != 0
+    assert "give some with --recent-slots N" in capsys.readouterr().err
+    exact = no_recent + ["--mode", "exact"]
+    assert main(exact + ["--retrieval-heads", "L0H1"]) != 0
+    assert "--retrieval-heads applies to LoLA mode only" in capsys.readouterr().err

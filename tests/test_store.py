@@ -102,7 +102,7 @@ def test_catalog_ships_the_required_models():
     assert pypi.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     lola = (e.data["window"], e.data["sparse"], e.data["selection"], e.data["state_halflife"], e.data["score"],
             e.data["recent_slots"])
-    assert lola == (256, 384, "group", 8192, "others", 96)
+    assert lola == (256, 384, "group", 8192, "others", 128)
     assert catalog.get("lolcats-llama-3.1-8b").lolcats
     plain = catalog.get("smollm2-360m")
     assert plain.adapter_file is None and not plain.lolcats

@@ -58,6 +58,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-halflife", type=int, default=0, metavar="TOKENS",
                         help="eviction scores fade with age to half over this many tokens, so stale pairs give "
                              "their slots to recent ones (experimental, docs/quality.md §13.4; default 0 = off)")
+    parser.add_argument("--retrieval-heads", metavar="HEADS",
+                        help="heads that take no recent slots, all their λ going by score, e.g. L17H3,L18H7 "
+                             "(scripts/retrieval_heads.py finds them; experimental, docs/quality.md §15)")
     add_engine_options(parser)
 
 
@@ -134,6 +137,7 @@ def _engine(args):
         raise BadInput(f"{engine.info.model} has no LoLA adapter: pass --adapter FILE, --feature-map identity, "
                        "or --mode exact")
     _set_score_halflife(engine, args)
+    _set_retrieval_heads(engine, args)
     message = mode_notice(engine)
     if message and engine.info.mode != "exact":
         notice(message)
@@ -152,6 +156,29 @@ def _set_score_halflife(engine, args) -> None:
     engine.model.lola_config.score_halflife = score_halflife
 
 
+def _set_retrieval_heads(engine, args) -> None:
+    """--retrieval-heads onto the engine's LoLA config (lola.LolaConfig.retrieval_heads), checked against the model."""
+    from lolachat.lola import heads_outside, parse_head_names
+
+    text = getattr(args, "retrieval_heads", None)
+    if not text:
+        return
+    if engine.model.lola_config is None:
+        raise BadInput("--retrieval-heads applies to LoLA mode only")
+    if not engine.model.lola_config.recent_slots:
+        raise BadInput("--retrieval-heads spares heads from recent slots: give some with --recent-slots N")
+    try:
+        heads = parse_head_names(text.split(","))
+    except ValueError as exc:
+        raise BadInput(f"bad --retrieval-heads: {exc}") from None
+    model = engine.model.args
+    outside = heads_outside(heads, model.n_layers, model.n_heads)
+    if outside:
+        raise BadInput(f"--retrieval-heads {', '.join(outside)}: {engine.info.model} has {model.n_layers} layers of "
+                       f"{model.n_heads} heads, numbered from 0")
+    engine.model.lola_config.retrieval_heads = heads
+
+
 def _setting(engine) -> str:
     info = engine.info
     if info.mode == "exact":
@@ -163,15 +190,21 @@ def _setting(engine) -> str:
     score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
     variant += f", score half-life {score_halflife}" if score_halflife else ""
     variant += f", {info.recent_slots} recent slots" if info.recent_slots else ""
+    spared = engine.model.lola_config.retrieval_heads
+    variant += f" (none in {len(spared)} retrieval heads)" if info.recent_slots and spared else ""
     return f"{info.mode} (C={info.window}, λ={info.sparse}{variant}, mix {info.mix}, φ {info.phi_input})"
 
 
 def _describe(engine) -> dict:
-    """engine.describe(), plus the eviction scores' half-life when it is set."""
+    """engine.describe(), plus the eval-only eviction settings (score half-life, retrieval heads) when set."""
+    from lolachat.lola import head_names
+
     out = engine.describe()
-    score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
-    if score_halflife:
-        out["score_halflife"] = score_halflife
+    cfg = engine.model.lola_config
+    if getattr(cfg, "score_halflife", 0):
+        out["score_halflife"] = cfg.score_halflife
+    if getattr(cfg, "retrieval_heads", ()):
+        out["retrieval_heads"] = head_names(cfg.retrieval_heads)
     return out
 
 

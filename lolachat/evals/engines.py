@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lolachat.adapter import Adapter, load_adapter
-from lolachat.engine import Engine, EngineInfo, resolve_device, resolve_dtype
+from lolachat.engine import Engine, EngineInfo, memory_info, resolve_device, resolve_dtype
 from lolachat.lola import LolaConfig
 from lolachat.model import Llama
 
@@ -33,11 +33,11 @@ class EngineFactory:
     def build(self, adapter: str | Path | Adapter | None = None, *, sparse: int = 256, window: int | None = None,
               mix: str = "lola", max_distance: int | None = None, selection: str = "head",
               sinks: int = 0, state_halflife: int = 0, score: str = "error", score_halflife: int = 0,
-              recent_slots: int = 0) -> Engine:
+              recent_slots: int = 0, retrieval_heads: tuple[tuple[int, int], ...] = ()) -> Engine:
         """Exact attention when `adapter` is None, else LoLA with that adapter (a file or an Adapter).
 
-        `selection`, `sinks`, `state_halflife` and the eviction score's `score`, `score_halflife` and
-        `recent_slots` pick the LoLA memory variant (lola.LolaConfig)."""
+        `selection`, `sinks`, `state_halflife` and the eviction score's `score`, `score_halflife`,
+        `recent_slots` and `retrieval_heads` pick the LoLA memory variant (lola.LolaConfig)."""
         args = self.loaded.args
         if isinstance(adapter, (str, Path)):
             adapter = load_adapter(adapter, args)
@@ -53,17 +53,13 @@ class EngineFactory:
                              max_distance=max_distance or max(1, args.max_position // 2),
                              phi_input=adapter.phi_input, selection=selection, sinks=sinks,
                              state_halflife=state_halflife, score=score, score_halflife=score_halflife,
-                             recent_slots=recent_slots)
+                             recent_slots=recent_slots, retrieval_heads=tuple(retrieval_heads))
             net.attach_lola(cfg, adapter.layers)
         mode = "exact" if cfg is None else ("lola-identity" if adapter.experimental else "lola")
         info = EngineInfo(
             model=self.path, source=f"local:{self.path}", weights_sha256=self.loaded.weights_sha256, mode=mode,
-            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            window=cfg.chunk if cfg else None, sparse=cfg.sparse if cfg else None, mix=cfg.mix if cfg else None,
-            max_distance=cfg.max_distance if cfg else None, phi_input=cfg.phi_input if cfg else None,
-            selection=cfg.selection if cfg else None, sinks=cfg.sinks if cfg else None,
-            state_halflife=cfg.state_halflife if cfg else None, adapter_sha256=adapter.digest() if cfg else None,
-            score=cfg.score if cfg else None, recent_slots=cfg.recent_slots if cfg else None,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), **memory_info(cfg),
+            adapter_sha256=adapter.digest() if cfg else None,
         )
         return Engine(net, self.tokenizer, info, self.stop_ids)
 
