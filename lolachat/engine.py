@@ -85,12 +85,13 @@ class EngineInfo:
     state_halflife: int | None = None  # linear state fading (0 = never)
     score: str | None = None  # sparse-cache eviction score (lola.LolaConfig.score)
     recent_slots: int | None = None  # λ slots always held by the newest pairs (lola.LolaConfig.recent_slots)
+    score_halflife: int | None = None  # eviction scores fade with age (lola.LolaConfig.score_halflife; 0 = off)
     adapter_sha256: str | None = None  # Adapter.digest() of the feature maps in use
     quant: str = "none"  # "int8": weight-only int8 linear layers (lolachat.quant)
 
 
 MEMORY_FIELDS = ("window", "sparse", "mix", "max_distance", "phi_input", "selection", "sinks", "state_halflife",
-                 "score", "recent_slots")
+                 "score", "recent_slots", "score_halflife")
 
 
 def memory_info(cfg: LolaConfig | None) -> dict:
@@ -229,6 +230,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
          sparse: int | None | str = "auto", mix: str | None = None, max_distance: int | None = None,
          feature_map: str | None = None, selection: str | None = None, sinks: int | None = None,
          state_halflife: int | None = None, score: str | None = None, recent_slots: int | None = None,
+         score_halflife: int | None = None,
          pull: bool = True, progress=None,
          adapter: str | Path | None = None, quant: str | None = "none") -> Engine:
     """Load a model by catalog alias, Hub repo id or local path (DESIGN §1).
@@ -239,9 +241,10 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
     `adapter` names an adapter file (DESIGN §4.5) to use instead of the model's own.
     `selection` ("head" or "group"; default: the manifest's, else "head") and `sinks` pick the sparse-cache
     variant; `state_halflife` (tokens; default: the manifest's, else 0 = never) fades the linear state;
-    `score` and `recent_slots` set how eviction picks the λ pairs (lola.LolaConfig). The manifest's score and
-    recent slots belong to its memory: they apply only when window, λ and selection come out as the manifest's,
-    else DESIGN §4.4's plain policy (self-recall error, no recent slots) does unless these arguments say otherwise.
+    `score`, `recent_slots` and `score_halflife` set how eviction picks the λ pairs (lola.LolaConfig). The
+    manifest's eviction policy belongs to its memory: it applies only when window, λ and selection come out as the
+    manifest's, else DESIGN §4.4's plain policy (self-recall error, no recent slots, no age discount) does unless
+    these arguments say otherwise.
     `quant="int8"` runs the linear layers with int8 weights (CPU); "auto" picks it where it pays (lolachat.quant).
     """
     exact = sparse is None
@@ -270,8 +273,8 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
 
     lola_defaults = local.manifest or {}  # catalog manifests carry window, sparse, selection, max_distance
     cfg = None
-    if adapter is None and (score or recent_slots):
-        raise BadInput("--score and --recent-slots apply to LoLA mode only")
+    if adapter is None and (score or recent_slots or score_halflife):
+        raise BadInput("--score, --recent-slots and --score-halflife apply to LoLA mode only")
     if adapter is not None:
         memory = {
             # the model's runtime choice first: an adapter's chunk is only the C it was trained with
@@ -291,6 +294,7 @@ def load(model: str | None = None, *, device: str = "auto", dtype: str | None = 
             state_halflife=lola_defaults.get("state_halflife", 0) if state_halflife is None else state_halflife,
             score=score or eviction.get("score", "error"),
             recent_slots=eviction.get("recent_slots", 0) if recent_slots is None else recent_slots,
+            score_halflife=eviction.get("score_halflife", 0) if score_halflife is None else score_halflife,
         )
         net.attach_lola(cfg, adapter.layers)
     quantize_model(net, quant)  # after LoRA is merged and the weights are on their device

@@ -31,6 +31,7 @@ def describe_model(spec: str) -> dict:
         "lola": {"mode": "lola" if local.adapter else "exact (no adapter)", "window": window, "sparse": sparse,
                  "selection": selection, "state_halflife": int(manifest.get("state_halflife", 0)),
                  "score": manifest.get("score", "error"), "recent_slots": int(manifest.get("recent_slots", 0)),
+                 "score_halflife": int(manifest.get("score_halflife", 0)),
                  "max_distance": manifest.get("max_distance", args.max_position // 2)},
         "memory_bf16": {},
     }

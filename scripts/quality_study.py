@@ -88,6 +88,16 @@ SETTINGS = {
                                             "score": "others", "recent_slots": 160},
     "C=64 λ=256 others recent 144": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others",
                                      "recent_slots": 144},
+    # the others score discounted by age (--score-halflife, docs/quality.md §13.4) at λ = 256
+    "C=64 λ=256 others score half-life 8K": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others",
+                                             "score_halflife": 8192},
+    "C=64 λ=256 others score half-life 16K": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others",
+                                              "score_halflife": 16384},
+    "C=64 λ=256 others score half-life 32K": {"window": 64, "sparse": 256, "state_halflife": 8192, "score": "others",
+                                              "score_halflife": 32768},
+    "C=64 λ=256 others recent 64 score half-life 16K": {"window": 64, "sparse": 256, "state_halflife": 8192,
+                                                        "score": "others", "recent_slots": 64,
+                                                        "score_halflife": 16384},
     # recent slots everywhere but in the teacher's retrieval heads (share of the needle's value >= 0.3 or 0.1;
     # scripts/retrieval_heads.py), whose λ slots all go by score (docs/quality.md §15)
     "C=64 λ=256 others recent 192 heads≥0.3": {"window": 64, "sparse": 256, "state_halflife": 8192,

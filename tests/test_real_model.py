@@ -89,19 +89,23 @@ def test_default_alias_runs_lola_with_the_shipped_adapter(default_alias):
 
 
 def test_manifest_eviction_policy_goes_with_the_manifest_memory(default_alias):
-    """The manifest's score and recent slots apply to its own window, λ and selection; another memory gets DESIGN
-    §4.4's plain policy unless asked, and more recent slots than λ is refused with one message."""
+    """The manifest's eviction policy applies to its own window, λ and selection; another memory gets DESIGN
+    §4.4's plain policy unless asked; an eviction option in exact mode, or more recent slots than λ, is refused with
+    one message."""
     import lolachat
     from lolachat.errors import BadInput
 
     def policy(**options):
         cfg = lolachat.load(default_alias, device="cpu", pull=False, **options).model.lola_config
-        return cfg.score, cfg.recent_slots
+        return cfg.score, cfg.recent_slots, cfg.score_halflife
 
-    assert policy() == ("others", 128)
-    assert policy(sparse=384, window=256, selection="group") == ("others", 128)  # the manifest's memory, named
-    assert policy(sparse=1024, window=64, selection="head") == ("error", 0)
-    assert policy(sparse=1024, window=64, selection="head", recent_slots=512) == ("error", 512)
-    assert policy(recent_slots=0, score="error") == ("error", 0)
+    assert policy() == ("others", 128, 0)
+    assert policy(sparse=384, window=256, selection="group") == ("others", 128, 0)  # the manifest's memory, named
+    assert policy(sparse=1024, window=64, selection="head") == ("error", 0, 0)
+    assert policy(sparse=1024, window=64, selection="head", recent_slots=512) == ("error", 512, 0)
+    assert policy(sparse=256, window=64, selection="head", score="others", score_halflife=16384) == ("others", 0, 16384)
+    assert policy(recent_slots=0, score="error") == ("error", 0, 0)
+    with pytest.raises(BadInput, match="apply to LoLA mode only"):
+        policy(sparse=None, score_halflife=16384)
     with pytest.raises(BadInput, match="recent slots"):
         policy(sparse=64, recent_slots=100)

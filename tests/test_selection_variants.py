@@ -211,7 +211,7 @@ def test_eval_cli_passes_score_into_engine_and_json(tmp_path, capsys):
     assert (engine["score"], engine["score_halflife"], engine["recent_slots"]) == ("others", 256, 4)
     assert main(run) == 0
     engine = json.loads(out.read_text())["engine"]
-    assert (engine["score"], engine["recent_slots"]) == ("error", 0) and "score_halflife" not in engine
+    assert (engine["score"], engine["score_halflife"], engine["recent_slots"]) == ("error", 0, 0)
     assert main(run + ["--recent-slots", "17"]) != 0
     assert "recent slots must be between 0 and the sparse cache size 16" in capsys.readouterr().err
 

@@ -55,9 +55,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="lola (the adapter's bounded memory) or exact (softmax teacher, full KV cache)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--out", metavar="JSON", help="also write the full result to this file")
-    parser.add_argument("--score-halflife", type=int, default=0, metavar="TOKENS",
-                        help="eviction scores fade with age to half over this many tokens, so stale pairs give "
-                             "their slots to recent ones (experimental, docs/quality.md §13.4; default 0 = off)")
     parser.add_argument("--retrieval-heads", metavar="HEADS",
                         help="heads that take no recent slots, all their λ going by score, e.g. L17H3,L18H7 "
                              "(scripts/retrieval_heads.py finds them; experimental, docs/quality.md §15)")
@@ -136,24 +133,11 @@ def _engine(args):
     if args.mode == "lola" and engine.info.mode == "exact":
         raise BadInput(f"{engine.info.model} has no LoLA adapter: pass --adapter FILE, --feature-map identity, "
                        "or --mode exact")
-    _set_score_halflife(engine, args)
     _set_retrieval_heads(engine, args)
     message = mode_notice(engine)
     if message and engine.info.mode != "exact":
         notice(message)
     return engine
-
-
-def _set_score_halflife(engine, args) -> None:
-    """--score-halflife onto the engine's LoLA config, which every eviction reads (CPU and GPU engine alike)."""
-    score_halflife = getattr(args, "score_halflife", 0)
-    if score_halflife < 0:
-        raise BadInput("--score-halflife must be >= 0")
-    if not score_halflife:
-        return
-    if engine.model.lola_config is None:
-        raise BadInput("--score-halflife applies to LoLA mode only")
-    engine.model.lola_config.score_halflife = score_halflife
 
 
 def _set_retrieval_heads(engine, args) -> None:
@@ -187,8 +171,7 @@ def _setting(engine) -> str:
     variant += f", {info.sinks} sinks" if info.sinks else ""
     variant += f", state half-life {info.state_halflife}" if info.state_halflife else ""
     variant += f", score {info.score}" if info.score not in (None, "error") else ""
-    score_halflife = getattr(engine.model.lola_config, "score_halflife", 0)
-    variant += f", score half-life {score_halflife}" if score_halflife else ""
+    variant += f", score half-life {info.score_halflife}" if info.score_halflife else ""
     variant += f", {info.recent_slots} recent slots" if info.recent_slots else ""
     spared = engine.model.lola_config.retrieval_heads
     variant += f" (none in {len(spared)} retrieval heads)" if info.recent_slots and spared else ""
@@ -196,13 +179,11 @@ def _setting(engine) -> str:
 
 
 def _describe(engine) -> dict:
-    """engine.describe(), plus the eval-only eviction settings (score half-life, retrieval heads) when set."""
+    """engine.describe(), plus the eval-only retrieval heads when set."""
     from lolachat.lola import head_names
 
     out = engine.describe()
     cfg = engine.model.lola_config
-    if getattr(cfg, "score_halflife", 0):
-        out["score_halflife"] = cfg.score_halflife
     if getattr(cfg, "retrieval_heads", ()):
         out["retrieval_heads"] = head_names(cfg.retrieval_heads)
     return out

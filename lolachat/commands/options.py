@@ -35,6 +35,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recent-slots", type=int, metavar="N",
                    help="of the λ sparse-cache slots, N always hold the newest pairs and the rest go by score "
                         "(default: the model's manifest, else 0; docs/quality.md §14)")
+    g.add_argument("--score-halflife", type=int, metavar="TOKENS",
+                   help="eviction scores fade with age to half over this many tokens, so stale pairs give their "
+                        "slots to recent ones (0 = off; default: the model's manifest, else 0; docs/quality.md "
+                        "§13.4, §15)")
     g.add_argument("--feature-map", choices=["trained", "identity"],
                    help="'identity': LoLA with untrained identity-initialised maps (experimental)")
     g.add_argument("--exact", action="store_true", help="exact attention with a full KV cache (memory grows)")
@@ -80,7 +84,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
     sparse = args.sparse if args.sparse is not None else (lola["sparse"] if lola["sparse"] >= 0 else "auto")
     if args.exact:
         sparse = None
-    for name in ("window", "sparse", "max_distance", "sinks", "state_halflife", "recent_slots"):
+    for name in ("window", "sparse", "max_distance", "sinks", "state_halflife", "recent_slots", "score_halflife"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0")
@@ -100,6 +104,7 @@ def load_engine(model: str | None, args, config: dict | None = None, progress=No
         state_halflife=getattr(args, "state_halflife", None),
         score=getattr(args, "score", None),
         recent_slots=getattr(args, "recent_slots", None),
+        score_halflife=getattr(args, "score_halflife", None),
         progress=progress,
         adapter=getattr(args, "adapter", None),
         quant=getattr(args, "quant", None) or runtime["quant"],
