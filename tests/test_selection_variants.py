@@ -26,9 +26,9 @@ from lolachat.lola import LolaAttention, LolaConfig, eviction_scores, expand_hea
 SCORES = ["relative", "others"]
 
 
-def score_model(hf, sparse, selection, sinks, score):
+def score_model(hf, sparse, selection, sinks, score, **policy):
     model = our_model(hf)
-    model.attach_lola(LolaConfig(chunk=C, sparse=sparse, selection=selection, sinks=sinks, score=score),
+    model.attach_lola(LolaConfig(chunk=C, sparse=sparse, selection=selection, sinks=sinks, score=score, **policy),
                       random_adapters(model.args))
     return model
 
@@ -95,6 +95,22 @@ def test_every_token_in_exactly_one_store(score, selection, sinks, sparse):
     for fed in fed_in_odd_steps(model, mem, ids):
         for layer in mem.layers:
             check_stores(layer, fed, sparse, sinks, selection)
+
+
+@pytest.mark.parametrize("policy", [{"recent_slots": 3}, {"score_halflife": 24},
+                                    {"recent_slots": 5, "retrieval_heads": ((0, 1), (1, 4))}],
+                         ids=["recent-slots", "score-halflife", "retrieval-heads"])
+@pytest.mark.parametrize("selection,sinks", [("head", 0), ("group", 0), ("head", 4)])
+def test_every_token_in_exactly_one_store_under_each_eviction_policy(policy, selection, sinks):
+    """The accounting of the core issue under the ways of favouring recent pairs: recent slots, an age discount on
+    the score, and heads spared from recent slots."""
+    hf = gqa_model()
+    model = score_model(hf, 5, selection, sinks, "others", **policy)
+    mem = model.new_memory()
+    ids = tokens(hf.config.vocab_size, 200)
+    for fed in fed_in_odd_steps(model, mem, ids):
+        for layer in mem.layers:
+            check_stores(layer, fed, 5, sinks, selection)
 
 
 def one_layer(selection: str, sinks: int, score: str, sparse: int = 5, chunk: int = 4, seed: int = 0):
