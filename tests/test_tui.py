@@ -20,7 +20,7 @@ from lolachat.sessions_db import SessionsDB
 from lolachat.tui import LolachatApp
 from lolachat.tui.models_screen import ModelsScreen
 from lolachat.tui.screens import RewindScreen, SessionsScreen, SettingsScreen, TextPrompt
-from lolachat.tui.stats_panel import StatsPanel, render_stats
+from lolachat.tui.stats_panel import StatsPanel, eviction_policy, render_stats
 from lolachat.tui.widgets import MessageView
 
 SIZE = (120, 40)
@@ -130,10 +130,18 @@ def test_send_streams_the_reply_and_the_panel_shows_the_engine_stats(engine, tmp
             assert panel_value(shown, "folded tok") == f"{stats['linear_tokens']:,}"
             ratio = stats["cache_bytes"] / stats["full_kv_bytes"]
             assert panel_value(shown, "cache/full KV") == f"{ratio:.2f}×"
+            assert panel_value(shown, "eviction ") == "error"  # the policy row, not "evictions/turn"
             assert app.status_text.startswith("max new tokens · 40 tokens")
             db = app.db
             assert db.messages(app.conv.id) == app.conv.messages and len(db.snapshots(app.conv.id)) == 1
     run(scenario())
+
+
+def test_panel_names_the_eviction_policy():
+    assert eviction_policy({"score": "others", "recent_slots": 128, "score_halflife": 0}) == "others · 128 recent"
+    aged = {"score": "others", "recent_slots": 0, "score_halflife": 16384}
+    assert eviction_policy(aged) == "others · half-life 16,384"
+    assert eviction_policy({"score": None}) == "error"
 
 
 def test_escape_stops_generation_at_once(engine, tmp_path):

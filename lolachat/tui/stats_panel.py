@@ -159,7 +159,18 @@ def render_stats(stats: dict | None, info: dict | None, *, history: History | No
     row("device", f"{info['device']} · {info['dtype']}")
     if mode != "exact":
         row("C / λ", f"{info.get('window')} / {info.get('sparse')}")
+        row("eviction", eviction_policy(info))
     return t
+
+
+def eviction_policy(info: dict) -> str:
+    """How the sparse cache's pairs are chosen, in a few words: "others · 128 recent" (lola.LolaConfig)."""
+    parts = [info.get("score") or "error"]
+    if info.get("recent_slots"):
+        parts.append(f"{info['recent_slots']} recent")
+    if info.get("score_halflife"):
+        parts.append(f"half-life {info['score_halflife']:,}")
+    return " · ".join(parts)
 
 
 class StatsPanel(Static):
