@@ -76,7 +76,7 @@ def main() -> int:
     args = ap.parse_args()
     bootstrap()
     os.environ["LOLACHAT_STATIC"] = "1"
-    from quality_study import ADAPTER, retrieval_heads
+    from quality_study import ADAPTER, resolve_retrieval_heads
 
     from lolachat import bench
     from lolachat.evals.engines import EngineFactory
@@ -86,10 +86,8 @@ def main() -> int:
     prompt, long_prompt = bench.random_ids(args.prompt_tokens, vocab), bench.random_ids(args.prefill_tokens, vocab)
     runs = {}
     for name, policy in POLICIES.items():
-        policy = dict(policy)
+        policy = resolve_retrieval_heads(policy)
         pytorch = policy.pop("pytorch_score", False)
-        if "retrieval_share" in policy:
-            policy["retrieval_heads"] = retrieval_heads(policy.pop("retrieval_share"))
         with score_in_pytorch(pytorch):
             engine = factory.build(str(ADAPTER), **MEMORY, **policy)
             decoder = engine.static_decoder()

@@ -128,11 +128,16 @@ ADAPTER = ROOT / "models" / "smollm2-135m.lola.safetensors"
 RETRIEVAL_HEADS = ROOT / "docs" / "runs" / "retrieval-heads-smollm2-135m.json"  # scripts/retrieval_heads.py
 
 
-def retrieval_heads(min_share: float) -> tuple[tuple[int, int], ...]:
-    """The teacher's heads whose attention share on the needle's value is at least `min_share`."""
-    shares = json.loads(RETRIEVAL_HEADS.read_text())["shares"]
-    return tuple((layer, head) for layer, row in enumerate(shares) for head, share in enumerate(row)
-                 if share >= min_share)
+def resolve_retrieval_heads(setting: dict) -> dict:
+    """The setting with its "retrieval_share" replaced by the heads it names: the teacher's heads whose attention
+    share on the needle's value is at least that share (EngineFactory.build's `retrieval_heads`)."""
+    setting = dict(setting)
+    if "retrieval_share" in setting:
+        min_share = setting.pop("retrieval_share")
+        shares = json.loads(RETRIEVAL_HEADS.read_text())["shares"]
+        setting["retrieval_heads"] = tuple((layer, head) for layer, row in enumerate(shares)
+                                           for head, share in enumerate(row) if share >= min_share)
+    return setting
 
 
 def main() -> int:
@@ -273,15 +278,13 @@ def worker(args) -> int:
         out.write_text(json.dumps(result, indent=1, default=str))
 
     try:
-        kwargs = dict(SETTINGS[name])
+        kwargs = resolve_retrieval_heads(SETTINGS[name])
         adapter = kwargs.pop("adapter", str(ADAPTER))
         if adapter == "alt":
             if not args.alt_adapter:
                 raise ValueError(f"setting {name!r} needs --alt-adapter")
             adapter = args.alt_adapter
         max_length = kwargs.pop("max_length", None)
-        if "retrieval_share" in kwargs:
-            kwargs["retrieval_heads"] = retrieval_heads(kwargs.pop("retrieval_share"))
         factory = EngineFactory(args.model, device=args.device)
         engine = factory.build(adapter, **kwargs)
         result["engine"] = engine.describe() | {"retrieval_heads": head_names(kwargs.get("retrieval_heads", ()))}
